@@ -1,0 +1,1 @@
+"""The durable boundary: records are committed here before anyone publishes them."""
