@@ -2,9 +2,9 @@
 
 The file is TOML. Each section is a frozen dataclass whose defaults sit beside the field; the loader
 walks the dataclasses, so an unknown key, a wrong type or a value out of range is a
-:class:`~gateway.errors.ConfigError` naming the dotted key (``mqtt.tls.ca_file``). Relative paths are
-resolved against the configuration file's folder. ``config/gateway.example.toml`` documents every
-key with its default and must stay in step with this module (a test checks that).
+:class:`~gateway.errors.ConfigError` naming the dotted key (``mqtt.tls.ca_file``). Relative
+paths are resolved against the configuration file's folder. ``config/gateway.example.toml``
+documents every key with its default and must stay in step with this module (a test checks that).
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ from gateway.errors import ConfigError
 def _opt(default: Any, *, check: Callable[[Any], str | None] | None = None,
          path: bool = False, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "path": path, "doc": doc})
+
+
+def _section(cls: type[Any]) -> Any:
+    return field(default_factory=cls)
+
+
+def _list(*, path: bool = False) -> Any:
+    return field(default_factory=list, metadata={"check": None, "path": path, "doc": ""})
+
+
+def _table() -> Any:
+    return field(default_factory=dict, metadata={"check": None, "path": False, "doc": ""})
 
 
 def _range(lo: float | None = None, hi: float | None = None) -> Callable[[Any], str | None]:
@@ -87,12 +99,12 @@ class SourceSection:
     channel: str = _opt("can0")
     bitrate: int = _opt(0, check=_range(0, 8_000_000))
     receive_filters: str = _opt("dbc", check=_choice("dbc", "none"))
-    options: dict[str, Any] = _opt(None)
-    files: list[str] = _opt(None)
+    options: dict[str, Any] = _table()
+    files: list[str] = _list(path=True)
     replay_speed: float = _opt(1.0, check=_range(0.0, 10000.0))
     queue_frames: int = _opt(100_000, check=_range(100, 10_000_000))
     reopen_backoff_s: float = _opt(1.0, check=_range(0.01, 600))
-    simulator: SimulatorSection = _opt(None)
+    simulator: SimulatorSection = _section(SimulatorSection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,17 +159,17 @@ class MqttSection:
     reconnect_min_s: float = _opt(0.5, check=_range(0.05, 600))
     reconnect_max_s: float = _opt(30.0, check=_range(0.1, 3600))
     retry_backoff_s: float = _opt(2.0, check=_range(0.0, 3600))
-    tls: TlsSection = _opt(None)
+    tls: TlsSection = _section(TlsSection)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    gateway: GatewaySection = _opt(None)
-    source: SourceSection = _opt(None)
-    profile: ProfileSection = _opt(None)
-    edge: EdgeSection = _opt(None)
-    store: StoreSection = _opt(None)
-    mqtt: MqttSection = _opt(None)
+    gateway: GatewaySection = _section(GatewaySection)
+    source: SourceSection = _section(SourceSection)
+    profile: ProfileSection = _section(ProfileSection)
+    edge: EdgeSection = _section(EdgeSection)
+    store: StoreSection = _section(StoreSection)
+    mqtt: MqttSection = _section(MqttSection)
     #: the file this was loaded from, for messages; not a key
     file: str = field(default="", metadata={"internal": True})
 
@@ -188,7 +200,7 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(raw: Mapping[str, Any], *, base_dir: Path, file: str = "<config>") -> Config:
     """Validate an already-parsed TOML document (a dict) into a :class:`Config`."""
-    built = _build(Config, raw, prefix="", base_dir=base_dir, file=file)
+    built: Config = _build(Config, raw, prefix="", base_dir=base_dir, file=file)
     return dataclasses.replace(built, file=file)
 
 
@@ -221,15 +233,17 @@ def _build(cls: type[Any], raw: Any, *, prefix: str, base_dir: Path, file: str) 
     for name, f in fields.items():
         key = prefix + name
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, raw.get(name, {}), prefix=key + ".", base_dir=base_dir,
                                   file=file)
             continue
         if name not in raw:
-            default = f.default
-            values[name] = _empty_for(hint) if default is None else default
-            if f.metadata.get("path") and values[name]:
-                values[name] = _resolve(values[name], base_dir)
+            if f.default_factory is not dataclasses.MISSING:
+                values[name] = f.default_factory()
+            else:
+                values[name] = f.default
+                if f.metadata.get("path") and values[name]:
+                    values[name] = _resolve(values[name], base_dir)
             continue
         value = _coerce(raw[name], hint, key=key, file=file)
         check = f.metadata.get("check")
@@ -238,18 +252,11 @@ def _build(cls: type[Any], raw: Any, *, prefix: str, base_dir: Path, file: str) 
             if problem:
                 raise ConfigError(problem, path=file, key=key)
         if f.metadata.get("path") and value:
-            value = _resolve(value, base_dir)
+            value = ([_resolve(v, base_dir) for v in value] if isinstance(value, list)
+                     else _resolve(value, base_dir))
         values[name] = value
     return cls(**values)
 
-
-def _empty_for(hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        return []
-    if origin is dict:
-        return {}
-    return None
 
 
 def _resolve(value: str, base_dir: Path) -> str:

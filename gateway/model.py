@@ -39,9 +39,10 @@ class Frame:
 class Sample:
     """One complete cycle of one pack's measurements, on the canonical pack model.
 
-    Per-cell arrays are ``None`` when the BMS does not send per-cell values (min/max only); they are
-    never invented. ``cell_voltage_valid[i]`` is False where the BMS flagged cell i invalid, where it
-    was not received this cycle, or where it was physically implausible (those are also counted).
+    Per-cell arrays are ``None`` when the BMS does not send per-cell values (min/max only); they
+    are never invented. ``cell_voltage_valid[i]`` is False where the BMS flagged cell i invalid,
+    where it was not received this cycle, or where it was physically implausible (those are also
+    counted).
     Scalars that the BMS did not send are ``nan``.
     """
 
