@@ -14,18 +14,53 @@ Quota: when a commit would take the store over ``max_bytes`` or ``max_records``,
 of the lowest priority kind (telemetry, then health, then events; see ``KIND_PRIORITY``) that are
 not leased are deleted first and counted in ``records_dropped_total{reason="quota"}``.
 
+A record's bytes, for the quota, are its compact JSON body plus its serial plus a fixed per-row
+overhead (``charged_bytes``); both stores charge the same, so quota behaviour is one contract. The
+store logs ``store_full`` when a commit first has to drop records and ``store_drained`` once usage
+is back under ``DRAINED_FRACTION`` of both caps (``QuotaAlarm``), never once per dropped record.
+
 Checkpoints are opaque bytes by key (the edge core's per-pack estimator state), written in the
 same transaction as the records of the same ``commit`` call, so a crash never separates them.
 Meta is a small key → text map for runtime state (counter snapshots for ``status``).
+
+A store given a ``Metrics`` counts ``records_committed_total``, ``records_acked_total``,
+``records_dropped_total{reason}`` and ``records_dead_lettered_total{reason}`` itself; callers
+must not count those again. Every method raises ``StoreError`` once the store is closed.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
 
 from gateway.model import Record, StoredRecord
+
+#: Bytes charged per stored record on top of its JSON body and serial. Measured on the SQLite
+#: store: a row with its two index entries costs about 62 bytes beyond body and serial.
+ROW_OVERHEAD_BYTES = 64
+
+#: After ``store_full``, the store reports ``store_drained`` once both its record count and its
+#: byte figure are at or below this fraction of their caps; the gap stops it flapping at the cap.
+DRAINED_FRACTION = 0.9
+
+
+def encode_body(body: Mapping[str, Any]) -> str:
+    """A record body as compact JSON text: what the SQLite store keeps and the quota charges.
+
+    ASCII-only output, so its length in characters is its length in bytes. NaN and infinities
+    raise ``ValueError``: the model forbids them (absent figures are left out or None), and JSON
+    has no spelling for them that a consumer could parse.
+    """
+    return json.dumps(body, separators=(",", ":"), allow_nan=False)
+
+
+def charged_bytes(serial: str, body_text: str) -> int:
+    """Bytes one record is charged against ``max_bytes``."""
+    return len(body_text) + len(serial.encode()) + ROW_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +73,59 @@ class StoreStats:
     dropped_total: Mapping[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     last_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record refused for good, kept with the reason.
+
+    ``body`` is the stored JSON text verbatim; ``kind`` and ``serial`` are text as stored. They are
+    not decoded into a ``StoredRecord`` because a row whose bytes rotted on disk is dead-lettered
+    too (reason ``undecodable``) and must still be listable.
+    """
+
+    seq: int
+    serial: str
+    kind: str
+    ts: float
+    attempts: int
+    body: str
+    reason: str
+
+
+class QuotaAlarm:
+    """Logs a store's transitions into "full" and back out, once each.
+
+    Not thread-safe on its own: each store calls it under its own lock.
+    """
+
+    __slots__ = ("_dropped", "_full")
+
+    def __init__(self) -> None:
+        self._full = False
+        self._dropped = 0
+
+    def dropped(self, n: int, *, records: int, bytes_: int, max_records: int,
+                max_bytes: int) -> None:
+        """``n`` records were just dropped for quota; usage is what remains after the drop."""
+        if n <= 0:
+            return
+        self._dropped += n
+        if not self._full:
+            self._full = True
+            structlog.get_logger(__name__).warning(
+                "store_full", dropped=n, records=records, bytes=bytes_,
+                max_records=max_records, max_bytes=max_bytes)
+
+    def settle(self, *, records: int, bytes_: int, max_records: int, max_bytes: int) -> None:
+        """Records left the store (ack, reject): report "drained" once usage is low enough."""
+        if (self._full and records <= DRAINED_FRACTION * max_records
+                and bytes_ <= DRAINED_FRACTION * max_bytes):
+            structlog.get_logger(__name__).info(
+                "store_drained", dropped_while_full=self._dropped, records=records,
+                bytes=bytes_)
+            self._full = False
+            self._dropped = 0
 
 
 class Store(Protocol):
@@ -64,6 +152,10 @@ class Store(Protocol):
 
     def release_all(self) -> None:
         """Release every lease (the publisher lost its connection)."""
+        ...
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead-lettered record, oldest seq first."""
         ...
 
     def checkpoint(self, key: str) -> bytes | None: ...
