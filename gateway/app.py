@@ -22,6 +22,8 @@ from gateway.config import Config
 from gateway.decode.assembler import PackAssembler
 from gateway.decode.profile import Profile, load_profile
 from gateway.edge.core import EdgeCore
+from gateway.edge.state import CheckpointError
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.publish.mqtt import Publisher
@@ -80,11 +82,12 @@ class Gateway:
         if replay:
             for f in config.source.files:
                 check_trace(Path(f))
-        self.profile = load_profile(config.profile.path)
+        self.profile = load_profile(config.profile.path,
+                                    dbc_override=config.profile.dbc or None)
         self.store: Store
         if out_jsonl is not None:
             # offline analysis: nothing is persisted, records go to the file as they come
-            self.store = MemoryStore()
+            self.store = MemoryStore(metrics=self.metrics)
         else:
             self.store = SqliteStore.from_config(config.store, self.metrics)
             previous = self.store.get_meta(STATUS_META_KEY)
@@ -95,7 +98,14 @@ class Gateway:
                                        limits=config.edge)
         self.edge = EdgeCore(config.edge, self.metrics)
         self.edge.warm_up()
-        self.edge.restore(self.store.checkpoints())
+        try:
+            self.edge.restore(self.store.checkpoints())
+        except CheckpointError as exc:
+            # Starting the pack from zero would send its lifetime counters backwards: stop, and
+            # do not let systemd restart-loop; an operator has to look (docs/operations.md).
+            self.store.close()
+            raise ConfigError(f"edge checkpoint in the store cannot be restored: {exc}",
+                              path=config.store.path) from exc
         self.queue = FrameQueue(config.source.queue_frames, self.metrics)
         filters = (self.assembler.receive_filters()
                    if config.source.receive_filters == "dbc" else None)
@@ -107,14 +117,14 @@ class Gateway:
         self.sink: JsonlSink | None = None
         self.publisher: Publisher | None = None
         if out_jsonl is not None:
-            self.sink = JsonlSink(out_jsonl, config.gateway.id, self.store, self.metrics,
-                                  settings=config.mqtt, wake=self.wake)
-            deliver = Stage("sink", self.sink.run, lambda: self.sink.last_progress, order=2)
+            sink = self.sink = JsonlSink(out_jsonl, config.gateway.id, self.store, self.metrics,
+                                         settings=config.mqtt, wake=self.wake)
+            deliver = Stage("sink", sink.run, lambda: sink.last_progress, order=2)
         else:
-            self.publisher = Publisher(config.mqtt, config.gateway.id, self.store, self.metrics,
-                                       wake=self.wake)
-            deliver = Stage("publisher", self.publisher.run,
-                            lambda: self.publisher.last_progress, order=2)
+            publisher = self.publisher = Publisher(config.mqtt, config.gateway.id, self.store,
+                                                   self.metrics, wake=self.wake)
+            deliver = Stage("publisher", publisher.run, lambda: publisher.last_progress,
+                            order=2)
         self.stages = [
             Stage("can-rx", self.source.run, lambda: self.source.last_progress, order=0),
             Stage("pipeline", self.pipeline.run, lambda: self.pipeline.last_progress, order=1),

@@ -107,7 +107,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from gateway.decode.profile import load_profile
 
     config = load_config(args.config)
-    profile = load_profile(config.profile.path)
+    profile = load_profile(config.profile.path, dbc_override=config.profile.dbc or None)
     problems = []
     for key, value in (("mqtt.password_file", config.mqtt.password_file),
                        ("mqtt.tls.ca_file", config.mqtt.tls.ca_file),

@@ -110,6 +110,7 @@ class SourceSection:
 @dataclass(frozen=True, slots=True)
 class ProfileSection:
     path: str = _opt("", check=_nonempty, path=True)
+    dbc: str = _opt("", path=True, doc="use this DBC instead of the one the profile names")
     serial: str = _opt("", doc="serial to use when the bus sends none")
 
 

@@ -9,6 +9,7 @@ publisher is only woken after the commit.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 class Assembler(Protocol):
     def feed(self, frame: Frame) -> list[Sample]: ...
+
+    def flush(self, now_ts: float) -> list[Sample]: ...
 
 
 class Edge(Protocol):
@@ -83,19 +86,29 @@ class Pipeline:
                         produced = feed(frame)
                         if produced:
                             samples.extend(produced)
-                    if samples:
-                        self._note_samples(samples)
-                        records = self.edge.process(samples)
-                        if records:
-                            self._note_records(records)
-                            self._pending.extend(records)
-                elif self.queue.closed_and_empty or (stop.is_set() and not len(self.queue)):
+                    # cycles a quiet or lossy bus left incomplete, by measurement time
+                    samples.extend(self.assembler.flush(frames[-1].ts))
+                    self._process(samples)
+                elif self.queue.closed_and_empty:
+                    # end of the input: whatever cycle is still open goes out as it stands
+                    self._process(self.assembler.flush(math.inf))
+                    break
+                elif stop.is_set() and not len(self.queue):
                     break
                 if self._commit_due():
                     self.commit()
         finally:
             self.commit()
             self.finished.set()
+
+    def _process(self, samples: list[Sample]) -> None:
+        if not samples:
+            return
+        self._note_samples(samples)
+        records = self.edge.process(samples)
+        if records:
+            self._note_records(records)
+            self._pending.extend(records)
 
     def _commit_due(self) -> bool:
         if len(self._pending) >= self.commit_max_records:
