@@ -88,7 +88,7 @@ def test_demo_config_with_broker_and_store_changed_is_a_run_config(tmp_path: Pat
         ('[gateway]\nid = "g"\n[source]\nkind = "can"\n', "source.kind", "one of"),
         ('[gateway]\nid = "g"\n[store]\nmax_bytes = 1.5\n', "store.max_bytes", "integer"),
         ('[gateway]\nid = "g"\n[mqtt]\ntopic_prefix = "a/#"\n', "mqtt.topic_prefix", "wildcard"),
-        ('[gateway]\nid = "g"\nmqtt = 3\n', "mqtt", "must be a table"),
+        ('mqtt = 3\n[gateway]\nid = "g"\n', "mqtt", "must be a table"),
         ('[gateway]\nlog_level = "info"\n', "gateway.id", "required"),
         ('[gateway]\nid = "g"\n[mqtt.tls]\nenabled = "yes"\n', "mqtt.tls.enabled", "true or false"),
     ],
