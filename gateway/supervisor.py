@@ -80,6 +80,10 @@ class Stage:
         def body() -> None:
             try:
                 self.target(self.stop)
+            except ConfigError as exc:
+                # bad input named by file and place: the message says it all, no traceback
+                self.error = exc
+                log.error("configuration_error", stage=self.name, error=str(exc))
             except BaseException as exc:
                 self.error = exc
                 log.error("stage_crashed", stage=self.name, error=repr(exc), exc_info=exc)
