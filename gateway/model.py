@@ -21,9 +21,13 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
-    """One CAN frame as a source received it."""
+    """One CAN frame as a source received it. Treat it as immutable.
+
+    Not ``frozen``: one is built for every frame on the bus, and a frozen dataclass's ``__init__``
+    (``object.__setattr__`` per field) costs twice as much, about 1 µs a frame measured here.
+    """
 
     ts: float
     can_id: int

@@ -41,7 +41,10 @@ class FrameQueue:
             while len(self._frames) >= self.capacity:
                 if block:
                     self._not_empty.set()
+                    # clear, then look again: a get_batch between the two has made room
                     self._not_full.clear()
+                    if len(self._frames) < self.capacity:
+                        break
                     if stop.is_set():
                         return
                     self._not_full.wait(0.1)
@@ -83,9 +86,11 @@ class FrameQueue:
 
 
 def frame_from_message(msg: can.Message) -> Frame:
-    return Frame(ts=msg.timestamp, can_id=msg.arbitration_id, data=bytes(msg.data),
-                 is_extended=msg.is_extended_id, is_fd=msg.is_fd, is_error=msg.is_error_frame,
-                 is_remote=msg.is_remote_frame, channel=str(msg.channel or ""))
+    # positional: this runs for every frame
+    channel = msg.channel
+    return Frame(msg.timestamp, msg.arbitration_id, bytes(msg.data), msg.is_extended_id,
+                 msg.is_fd, msg.is_error_frame, msg.is_remote_frame,
+                 channel if channel.__class__ is str else str(channel or ""))
 
 
 class Source(ABC):
