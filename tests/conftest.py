@@ -29,3 +29,6 @@ def realworld() -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+pytest_plugins = ["tests.vm.plugin"]
