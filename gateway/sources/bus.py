@@ -7,6 +7,8 @@ A bus that fails (adapter unplugged, interface down, bus-off) is closed, counted
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +27,24 @@ log = structlog.get_logger(__name__)
 #: frames taken from the driver per turn before handing them to the queue
 _BATCH = 512
 
+# Linux: getsockopt(SOL_SOCKET, SO_MEMINFO) gives nine u32, the last (SK_MEMINFO_DROPS) the
+# frames the kernel dropped because the socket's receive buffer was full. Read beside python-can's
+# own recv, it does not disturb it (SO_RXQ_OVFL would add ancillary data python-can rejects).
+_SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
+
+
+def socket_drops(bus: can.BusABC) -> int | None:
+    """Frames the kernel dropped for this bus's socket so far, or None where not knowable."""
+    sock = getattr(bus, "socket", None)
+    if not isinstance(sock, socket.socket):
+        return None
+    try:
+        return int(_MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO,
+                                                   _MEMINFO.size))[8])
+    except (OSError, struct.error):
+        return None
+
 
 class BusSource(Source):
     def __init__(self, queue: FrameQueue, metrics: Metrics, *, interface: str, channel: str,
@@ -41,6 +61,7 @@ class BusSource(Source):
         self.reopen_backoff_s = reopen_backoff_s
         self._bus: can.BusABC | None = None
         self._lost_since: float | None = None
+        self._drops_seen = 0
 
     def describe(self) -> str:
         return f"{self.interface}:{self.channel}"
@@ -57,6 +78,7 @@ class BusSource(Source):
 
     def _open(self) -> None:
         self._bus = self.open_bus()
+        self._drops_seen = 0
         log.info("bus_opened", interface=self.interface, channel=self.channel,
                  filters=len(self.filters or ()))
 
@@ -75,9 +97,18 @@ class BusSource(Source):
                 msg = bus.recv(timeout=0)
         except (can.CanError, OSError, ValueError) as exc:
             self._lose(exc)
+            return frames
+        self._count_socket_drops(bus)
         if self._lost_since is not None and frames:
             self._recovered()
         return frames
+
+    def _count_socket_drops(self, bus: can.BusABC) -> None:
+        """A reader that does not keep up loses frames in the kernel: count them."""
+        drops = socket_drops(bus)
+        if drops is not None and drops > self._drops_seen:
+            self.metrics.inc("frames_dropped_total", drops - self._drops_seen, "socket_overflow")
+            self._drops_seen = drops
 
     def _lose(self, exc: BaseException) -> None:
         self.metrics.inc("source_errors_total", 1, type(exc).__name__)
@@ -102,6 +133,7 @@ class BusSource(Source):
             return
         try:
             self._bus = self.open_bus()
+            self._drops_seen = 0
         except SourceError as exc:
             self.metrics.inc("source_errors_total", 1, "reopen_failed")
             log.debug("bus_reopen_failed", error=str(exc))
