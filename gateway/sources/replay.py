@@ -8,6 +8,7 @@ an error naming the file.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,9 @@ def check_trace(path: Path) -> None:
     if not suffixes or suffixes[-1] not in known:
         raise ConfigError(f"unknown trace format (python-can reads {', '.join(sorted(known))}, "
                           f"optionally .gz)", path=str(path))
+    if suffixes[-1] == ".mf4" and importlib.util.find_spec("asammdf") is None:
+        raise ConfigError("reading .mf4 traces needs asammdf: pip install 'bms-gateway[mf4]'",
+                          path=str(path))
 
 
 class ReplaySource(Source):
