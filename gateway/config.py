@@ -10,6 +10,7 @@ documents every key with its default and must stay in step with this module (a t
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -124,6 +125,30 @@ class EdgeSection:
     cell_voltage_max_v: float = _opt(5.0, check=_range(0.0, 10))
     cell_temp_min_c: float = _opt(-40.0, check=_range(-100, 200))
     cell_temp_max_c: float = _opt(100.0, check=_range(-100, 200))
+    # Estimators (docs/records.md explains each figure they produce).
+    chemistry: str = _opt("", doc="cell chemistry (NMC, LFP); empty: as the BMS reports it")
+    ocv_soc: list[float] = _list()
+    ocv_voltage_v: list[float] = _list()
+    current_lag_s: float = _opt(0.0, check=_range(0.0, 10.0))
+    rest_current_c_rate: float = _opt(0.01, check=_range(0.0, 1.0))
+    rest_settle_s: float = _opt(30.0, check=_range(0.0, 3600))
+    ocv_rest_s: float = _opt(1800.0, check=_range(1.0, 86400))
+    ocv_sigma_v: float = _opt(0.002, check=_range(1e-6, 1.0))
+    current_gain_sigma: float = _opt(0.005, check=_range(1e-6, 1.0))
+    capacity_forgetting: float = _opt(0.98, check=_range(0.5, 1.0))
+    capacity_min_delta_soc: float = _opt(0.1, check=_range(0.01, 1.0))
+    rc_time_constant_s: float = _opt(20.0, check=_range(0.1, 10000))
+    rls_memory_s: float = _opt(600.0, check=_range(1.0, 1e7))
+    activation_energy_j_mol: float = _opt(30000.0, check=_range(0.0, 200000))
+    baseline_efc: float = _opt(1.0, check=_range(0.0, 1000))
+    extreme_high_temp_c: float = _opt(45.0, check=_range(-100, 200))
+    extreme_low_temp_c: float = _opt(0.0, check=_range(-100, 200))
+    deep_discharge_v: float = _opt(0.0, check=_range(0.0, 10))
+    overcharge_v: float = _opt(0.0, check=_range(0.0, 10))
+    flag_z_score: float = _opt(3.5, check=_range(1.0, 100))
+    flag_r0_increase: float = _opt(0.15, check=_range(0.0, 10))
+    flag_capacity_decrease: float = _opt(0.05, check=_range(0.0, 1.0))
+    flag_leakage_c_rate: float = _opt(0.0002, check=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +287,7 @@ def _build(cls: type[Any], raw: Any, *, prefix: str, base_dir: Path, file: str) 
 
 def _resolve(value: str, base_dir: Path) -> str:
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base_dir / p))
+    return os.path.normpath(p if p.is_absolute() else (base_dir / p))
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
