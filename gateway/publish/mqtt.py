@@ -65,6 +65,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import MqttSection
 from gateway.errors import ConfigError
+from gateway.logging import register_secret
 from gateway.metrics import Metrics
 from gateway.model import StoredRecord
 from gateway.publish.encode import CONTENT_TYPE, REASON_TOO_LARGE, Envelope, build_envelopes
@@ -582,10 +583,12 @@ def _read_password(settings: MqttSection) -> str | None:
     if not settings.username:
         raise ConfigError("is required when mqtt.password_file is set", key="mqtt.username")
     try:
-        return Path(settings.password_file).read_text(encoding="utf-8").strip()
+        password = Path(settings.password_file).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the MQTT password file: {exc}",
                           path=settings.password_file, key="mqtt.password_file") from exc
+    register_secret(password)  # from now on no log line can carry it
+    return password
 
 
 def _tls_context(settings: MqttSection) -> ssl.SSLContext:
