@@ -7,7 +7,13 @@ frame) exits 78, which the unit marks as not worth restarting.
 
 ``WATCHDOG=1`` is sent only while every running stage has stamped progress within
 ``watchdog_stall_s``: a wedged publisher or pipeline stops the pings and systemd restarts
-the daemon.
+the daemon. The main thread itself never waits on a stage's resources: the periodic status
+write (``on_tick``, which goes through the store) runs on a thread of its own, so a store that
+blocks (a full or failing SD card, a lock held by another process) cannot keep the supervisor
+from noticing the stall, logging it and answering signals.
+
+SIGHUP reloads (``on_reload``) between ``RELOADING=1`` and ``READY=1``, as systemd's notify
+protocol asks, so ``systemctl reload`` waits for it.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class Supervisor:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._signal: str | None = None
+        self._ticker: threading.Thread | None = None
 
     # -- signals ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -150,8 +157,7 @@ class Supervisor:
                 break
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                if self.on_reload is not None:
-                    self.on_reload()
+                self._reload()
             wedged = {s.name for s in self.stages
                       if s.alive and now - s.progress() > self.stall_s}
             if wedged != stalled:
@@ -166,7 +172,7 @@ class Supervisor:
                 last_ping = now
             if self.on_tick is not None and now - last_tick >= self.tick_s:
                 last_tick = now
-                self._tick()
+                self._tick_in_background()
         reason = self._signal or ("stage failed" if exit_code else "finished")
         log.info("gateway_stopping", reason=reason)
         sd_notify("STOPPING=1")
@@ -175,9 +181,27 @@ class Supervisor:
         for stage in self.stages:
             if stage.error is not None and exit_code == EXIT_OK:
                 exit_code = self._exit_code_for(stage.error)
+        if self._ticker is not None:
+            self._ticker.join(timeout=self.stop_timeout_s)
         self._tick()
         log.info("gateway_stopped", exit_code=exit_code)
         return exit_code
+
+    def _reload(self) -> None:
+        if self.on_reload is None:
+            return
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
+        try:
+            self.on_reload()
+        finally:
+            sd_notify("READY=1")
+
+    def _tick_in_background(self) -> None:
+        if self._ticker is not None and self._ticker.is_alive():
+            return  # the last status write still waits on the store; the stall check reports it
+        self._ticker = threading.Thread(target=self._tick, name="status", daemon=True)
+        self._ticker.start()
 
     def _tick(self) -> None:
         if self.on_tick is None:
