@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +162,12 @@ class Gateway:
         return False
 
     def reload(self) -> None:
+        """SIGHUP: apply the ``RELOADABLE`` keys of the file as it is now; name the others.
+
+        Nothing stops: the stages keep running and the store keeps every record, so a reload
+        cannot lose data. A file that no longer validates changes nothing (``reload_failed``).
+        """
         from gateway.config import load_config
-        from gateway.errors import ConfigError
         from gateway.logging import set_level
 
         try:
@@ -171,15 +175,21 @@ class Gateway:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return
-        set_level(fresh.gateway.log_level)
+        applied = _with_reloadable(self.config, fresh)
+        changed = _changed_keys(self.config, applied)
+        pending = _changed_keys(applied, fresh)
+        set_level(applied.gateway.log_level)
+        self.supervisor.stall_s = applied.gateway.watchdog_stall_s
+        self.supervisor.tick_s = applied.gateway.status_interval_s
         if self.publisher is not None:
-            if _same_connection(fresh, self.config):
-                # intervals, batch sizes, window: read by the publisher on its next turn
-                self.publisher.settings = fresh.mqtt
-            else:
-                log.warning("reload_needs_restart", section="mqtt",
-                            reason="connection settings changed")
-        log.info("reloaded", log_level=fresh.gateway.log_level)
+            # read by the publisher on its next turn; connection settings are not among them
+            self.publisher.settings = applied.mqtt
+        if self.sink is not None:
+            self.sink.settings = applied.mqtt
+        self.config = applied
+        if pending:
+            log.warning("reload_needs_restart", keys=pending)
+        log.info("reloaded", changed=changed, log_level=applied.gateway.log_level)
 
     def status_document(self) -> dict[str, Any]:
         stats = self.store.stats()
@@ -205,6 +215,35 @@ class Gateway:
         self.store.put_meta(STATUS_META_KEY, json.dumps(self.status_document(), default=str))
 
 
-def _same_connection(a: Config, b: Config) -> bool:
-    keys = ("host", "port", "username", "password_file", "client_id", "tls", "topic_prefix")
-    return all(getattr(a.mqtt, k) == getattr(b.mqtt, k) for k in keys)
+#: what SIGHUP applies to a running daemon, by section; everything else needs a restart
+#: (docs/operations.md, "Reload")
+RELOADABLE: dict[str, tuple[str, ...]] = {
+    "gateway": ("log_level", "status_interval_s", "watchdog_stall_s"),
+    "mqtt": ("publish_interval_s", "batch_max_records", "batch_max_bytes", "inflight",
+             "retry_backoff_s", "reconnect_min_s", "reconnect_max_s", "keepalive_s"),
+}
+
+
+def _with_reloadable(running: Config, fresh: Config) -> Config:
+    """``running`` with the reloadable keys taken from ``fresh``."""
+    sections = {name: replace(getattr(running, name),
+                              **{k: getattr(getattr(fresh, name), k) for k in keys})
+                for name, keys in RELOADABLE.items()}
+    return replace(running, **sections)
+
+
+def _changed_keys(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+    flat_a, flat_b = _flat(asdict(a)), _flat(asdict(b))
+    return sorted(k for k in flat_a.keys() | flat_b.keys()
+                  if k != "file" and flat_a.get(k) != flat_b.get(k))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
