@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import CREDENTIALS_PREFIX, Config, load_config
 from gateway.errors import ConfigError, SourceError, StoreError
 from gateway.supervisor import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE
 
@@ -113,7 +113,11 @@ def _check_config(args: argparse.Namespace) -> int:
                        ("mqtt.tls.ca_file", config.mqtt.tls.ca_file),
                        ("mqtt.tls.cert_file", config.mqtt.tls.cert_file),
                        ("mqtt.tls.key_file", config.mqtt.tls.key_file)):
-        if value and not os.access(value, os.R_OK):
+        if value.startswith(CREDENTIALS_PREFIX):
+            # CREDENTIALS_DIRECTORY is unset: not run by the service, which alone can read it
+            print(f"bms-gateway: note: {key} is a systemd credential, checked when the service "
+                  "starts", file=sys.stderr)
+        elif value and not os.access(value, os.R_OK):
             problems.append(f"{config.file}, key '{key}': cannot read {value}")
     if config.source.kind == "replay":
         from gateway.sources.replay import check_trace
@@ -139,7 +143,7 @@ def status_summary(config: Config) -> dict[str, Any]:
     """Everything ``status`` shows, as one flat-ish dict (also the ``--json`` output)."""
     from gateway.app import STATUS_META_KEY
     from gateway.metrics import flatten
-    from gateway.store.sqlite import read_status
+    from gateway.store.sqlite import MOVED_ASIDE_META_KEY, read_status
 
     stats, meta = read_status(config.store.path)
     doc = json.loads(meta.get(STATUS_META_KEY) or "{}")
@@ -163,6 +167,8 @@ def status_summary(config: Config) -> dict[str, Any]:
         "oldest_unsent_age_s": (None if stats.oldest_unsent_ts is None
                                 else round(time.time() - stats.oldest_unsent_ts, 3)),
         "broker_state": flat.get("broker_state", "unknown") if running else "daemon not running",
+        # a corrupt store was moved aside (kept there) and this one made in its place
+        "store_moved_aside": meta.get(MOVED_ASIDE_META_KEY),
     }
     for reason, n in sorted(stats.dropped_total.items()):
         out[f"records_dropped_total{{{reason}}}"] = n
@@ -220,6 +226,8 @@ def format_status(s: dict[str, Any]) -> str:
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     for key in sorted(k for k in s if "{" in k):
         lines.append(f"  {key:<{width}}  {s[key]}")
+    if s.get("store_moved_aside"):
+        lines.append(f"  note: a corrupt store was moved aside and kept: {s['store_moved_aside']}")
     if s["packs"]:
         lines.append("")
         lines.append(f"  {'serial':<20} {'last seen':<22} {'last record':<22} {'SOC %':>6} "

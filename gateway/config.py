@@ -3,7 +3,8 @@
 The file is TOML. Each section is a frozen dataclass whose defaults sit beside the field; the loader
 walks the dataclasses, so an unknown key, a wrong type or a value out of range is a
 :class:`~gateway.errors.ConfigError` naming the dotted key (``mqtt.tls.ca_file``). Relative
-paths are resolved against the configuration file's folder. ``config/gateway.example.toml``
+paths are resolved against the configuration file's folder; a path may start with
+``${CREDENTIALS_DIRECTORY}``, systemd's folder of the unit's credentials (secrets). ``config/gateway.example.toml``
 documents every key with its default and must stay in step with this module (a test checks that).
 """
 
@@ -285,7 +286,18 @@ def _build(cls: type[Any], raw: Any, *, prefix: str, base_dir: Path, file: str) 
 
 
 
+#: Path values may start with this: the folder where systemd puts the unit's credentials
+#: (``LoadCredential=`` in systemd/bms-gateway.service), known only when the service starts.
+CREDENTIALS_PREFIX = "${CREDENTIALS_DIRECTORY}"
+
+
 def _resolve(value: str, base_dir: Path) -> str:
+    if value.startswith(CREDENTIALS_PREFIX):
+        folder = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            # outside the service (an operator's `status`): kept as written, never read here
+            return value
+        value = folder + value[len(CREDENTIALS_PREFIX):]
     p = Path(value).expanduser()
     return os.path.normpath(p if p.is_absolute() else (base_dir / p))
 
