@@ -122,7 +122,16 @@ class _Puback:
     reason: str
 
 
-_Event = _Connack | _Lost | _Puback
+@dataclass(frozen=True, slots=True)
+class _SocketError:
+    """What paho's socket read failed with: for TLS, the alert the broker sent (a client
+    certificate it refused, say), which the disconnect's reason code does not tell."""
+
+    generation: int
+    text: str
+
+
+_Event = _Connack | _Lost | _Puback | _SocketError
 
 
 #: a (serial, kind) pair: one topic, one stream of envelopes
@@ -170,6 +179,7 @@ class Publisher:
         self._ever_connected = False
         self._lost_at: float | None = None
         self._last_failure: str | None = None
+        self._socket_error: str | None = None
         self._broker_max_packet: int | None = None
         self._broker_receive_max: int | None = None
 
@@ -253,6 +263,8 @@ class Publisher:
                     self._on_puback(event)
                 elif isinstance(event, _Connack):
                     self._on_connack(event)
+                elif isinstance(event, _SocketError):
+                    self._socket_error = event.text
                 else:
                     self._on_lost(event.code, event.reason)
             try:
@@ -294,6 +306,8 @@ class Publisher:
         self._ever_connected = True
 
     def _on_lost(self, code: int, reason: str) -> None:
+        if self._socket_error is not None:
+            reason = f"{reason}: {self._socket_error}"
         if self._state != "connected":
             self._connect_failed(reason)
             return
@@ -486,6 +500,7 @@ class Publisher:
     def _connect(self) -> None:
         settings = self.settings
         self._generation += 1
+        self._socket_error = None
         client = self._new_client(settings, self._generation)
         self._client = client
         self._set_state("connecting")
@@ -513,6 +528,7 @@ class Publisher:
         client.on_connect = self._paho_on_connect
         client.on_disconnect = self._paho_on_disconnect
         client.on_publish = self._paho_on_publish
+        client.on_log = self._paho_on_log
         return client
 
     def _connect_failed(self, reason: str) -> None:
@@ -571,6 +587,10 @@ class Publisher:
         origin = "broker" if getattr(flags, "is_disconnect_packet_from_server", False) else "client"
         self._events.put(_Lost(generation, int(reason_code.value),
                                f"{reason_code} (from {origin})"))
+
+    def _paho_on_log(self, _client: mqtt.Client, generation: int, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._events.put(_SocketError(generation, text))
 
     def _paho_on_publish(self, _client: mqtt.Client, generation: int, mid: int,
                          reason_code: Any, _properties: Any) -> None:
