@@ -178,6 +178,10 @@ class Gateway:
         applied = _with_reloadable(self.config, fresh)
         changed = _changed_keys(self.config, applied)
         pending = _changed_keys(applied, fresh)
+        # said at the level in force until now, so a reload to "warning" is still confirmed
+        log.info("reloaded", changed=changed, log_level=applied.gateway.log_level)
+        if pending:
+            log.warning("reload_needs_restart", keys=pending)
         set_level(applied.gateway.log_level)
         self.supervisor.stall_s = applied.gateway.watchdog_stall_s
         self.supervisor.tick_s = applied.gateway.status_interval_s
@@ -187,9 +191,6 @@ class Gateway:
         if self.sink is not None:
             self.sink.settings = applied.mqtt
         self.config = applied
-        if pending:
-            log.warning("reload_needs_restart", keys=pending)
-        log.info("reloaded", changed=changed, log_level=applied.gateway.log_level)
 
     def status_document(self) -> dict[str, Any]:
         stats = self.store.stats()
