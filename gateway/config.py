@@ -4,8 +4,9 @@ The file is TOML. Each section is a frozen dataclass whose defaults sit beside t
 walks the dataclasses, so an unknown key, a wrong type or a value out of range is a
 :class:`~gateway.errors.ConfigError` naming the dotted key (``mqtt.tls.ca_file``). Relative
 paths are resolved against the configuration file's folder; a path may start with
-``${CREDENTIALS_DIRECTORY}``, systemd's folder of the unit's credentials (secrets). ``config/gateway.example.toml``
-documents every key with its default and must stay in step with this module (a test checks that).
+``${CREDENTIALS_DIRECTORY}``, systemd's folder of the unit's credentials (secrets).
+``config/gateway.example.toml`` documents every key with its default and must stay in step with
+this module (a test checks that).
 """
 
 from __future__ import annotations
@@ -212,16 +213,21 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError("configuration file not found", path=str(path)) from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason}", path=str(path),
+                          line=_bad_byte_line(exc)) from exc
+    except OSError as exc:
         raise ConfigError(f"cannot read configuration: {exc}", path=str(path)) from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = _toml_error_line(exc)
+        line = _toml_error_line(exc, text)
         raise ConfigError(f"not valid TOML: {exc}", path=str(path), line=line) from exc
     config = parse_config(raw, base_dir=path.resolve().parent, file=str(path))
-    if not config.gateway.id:
-        raise ConfigError("is required", path=str(path), key="gateway.id")
+    # required keys: their defaults are empty, and a default is not checked like a value
+    for key, value in (("gateway.id", config.gateway.id), ("profile.path", config.profile.path)):
+        if not value:
+            raise ConfigError("is required", path=str(path), key=key)
     return config
 
 
@@ -231,7 +237,8 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path, file: str = "<config
     return dataclasses.replace(built, file=file)
 
 
-def _toml_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
+def _toml_error_line(exc: tomllib.TOMLDecodeError, document: str = "") -> int | None:
+    """The line a TOML error is at; "at end of document" is the document's last line."""
     lineno = getattr(exc, "lineno", None)
     if isinstance(lineno, int):
         return lineno
@@ -242,7 +249,14 @@ def _toml_error_line(exc: tomllib.TOMLDecodeError) -> int | None:
             return int(text.split(marker, 1)[1].split(",", 1)[0])
         except ValueError:
             return None
+    if "(at end of document)" in text and document:
+        return document.count("\n") + (0 if document.endswith("\n") else 1)
     return None
+
+
+def _bad_byte_line(exc: UnicodeDecodeError) -> int:
+    """The line of the first byte that is not UTF-8."""
+    return bytes(exc.object[:exc.start]).count(b"\n") + 1
 
 
 def _build(cls: type[Any], raw: Any, *, prefix: str, base_dir: Path, file: str) -> Any:

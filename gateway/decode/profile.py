@@ -35,7 +35,7 @@ import cantools
 import structlog
 import textparser
 
-from gateway.config import _toml_error_line
+from gateway.config import _bad_byte_line, _toml_error_line
 from gateway.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -494,14 +494,18 @@ def load_profile(path: str | Path, *, dbc_override: str | Path | None = None) ->
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError("profile file not found", path=file) from exc
-    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("profile file not found (named by profile.path in the gateway "
+                          "configuration)", path=file) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason}", path=file,
+                          line=_bad_byte_line(exc)) from exc
+    except OSError as exc:
         raise ConfigError(f"cannot read profile: {exc}", path=file) from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", path=file,
-                          line=_toml_error_line(exc)) from exc
+                          line=_toml_error_line(exc, text)) from exc
     return _Loader(raw, path, dbc_override).load()
 
 
@@ -536,7 +540,15 @@ class _Loader:
         else:
             raise top.error("dbc", "is required (or give the DBC in the gateway configuration, "
                                    "which overrides it)")
-        self.db = load_dbc(dbc_path)
+        try:
+            self.db = load_dbc(dbc_path)
+        except ConfigError as exc:
+            if dbc_path.is_file():
+                raise  # the DBC itself is bad: the error names it, and the line
+            if self.dbc_override is not None:
+                raise ConfigError(f"{exc} (named by profile.dbc in the gateway "
+                                  "configuration)") from exc
+            raise top.error("dbc", str(exc)) from exc
         self.messages_of_signal: dict[str, list[Any]] = {}
         for message in self.db.messages:
             for signal in message.signals:
