@@ -545,10 +545,11 @@ class _Loader:
         except ConfigError as exc:
             if dbc_path.is_file():
                 raise  # the DBC itself is bad: the error names it, and the line
-            if self.dbc_override is not None:
-                raise ConfigError(f"{exc} (named by profile.dbc in the gateway "
-                                  "configuration)") from exc
-            raise top.error("dbc", str(exc)) from exc
+            # not there: say which key named it
+            named_by = ("profile.dbc in the gateway configuration"
+                        if self.dbc_override is not None else f"key 'dbc' of {self.file}")
+            problem = str(exc).removeprefix(f"{exc.path}: ")
+            raise ConfigError(f"{problem} (named by {named_by})", path=exc.path) from exc
         self.messages_of_signal: dict[str, list[Any]] = {}
         for message in self.db.messages:
             for signal in message.signals:
