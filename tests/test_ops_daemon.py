@@ -139,7 +139,7 @@ def test_watchdog_pings_stop_while_the_pipeline_is_wedged_and_resume_after(
         holder = sqlite3.connect(tmp_path / "store.sqlite", timeout=10, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         wedged_at = time.monotonic()
-        time.sleep(3.0)
+        time.sleep(3.5)  # below the daemon's SQLite busy timeout (5 s): a wait, not a failure
         released_at = time.monotonic()
         holder.execute("ROLLBACK")
         holder.close()
@@ -149,8 +149,9 @@ def test_watchdog_pings_stop_while_the_pipeline_is_wedged_and_resume_after(
         code = _stop(proc)
     assert code == 0, _tail(log)
 
-    # pings stop within the stall time (plus a supervisor turn and a ping interval) ...
-    during = notifications.pings(after=wedged_at + STALL_S + 0.5, before=released_at)
+    # pings stop within the stall time (plus the pipeline's next commit, a supervisor turn and
+    # slack for a loaded machine) ...
+    during = notifications.pings(after=wedged_at + STALL_S + 1.0, before=released_at)
     assert during == [], (during, _tail(log))
     # ... and come back once the commit goes through
     after = notifications.pings(after=released_at + 0.3)
@@ -179,19 +180,24 @@ def test_sighup_reloads_level_and_intervals_without_losing_a_record(
         try:
             notifications.wait_for("READY=1", 120, proc, log)
             sub.wait_for_records(5, timeout=30)
+            counted = len(sub.envelopes())
+            time.sleep(4.0)
+            fast = len(sub.envelopes()) - counted
+            assert fast >= 8, fast  # a message per telemetry sample (several a second)
 
             # 1. a reloadable change: log level and the publish interval
             config.write_text(config.read_text()
                               .replace("[gateway]\n", '[gateway]\nlog_level = "warning"\n', 1)
-                              .replace("publish_interval_s = 0.1", "publish_interval_s = 2.0"))
+                              .replace("publish_interval_s = 0.1", "publish_interval_s = 5.0"))
             proc.send_signal(signal.SIGHUP)
             notifications.wait_for("RELOADING=1", 10, proc, log)
             _wait_for_event(log, "reloaded", proc)
             time.sleep(0.5)
             counted = len(sub.envelopes())
             time.sleep(4.0)
-            # one telemetry message per serial per 2 s now (it was ten a second)
-            assert len(sub.envelopes()) - counted <= 4, sub.envelopes()[-6:]
+            # at most one message per serial and kind per 5 s now
+            slow = len(sub.envelopes()) - counted
+            assert slow <= 3 < fast, (slow, fast)
 
             # 2. a change that needs a restart is named, and nothing else changes
             config.write_text(config.read_text()
