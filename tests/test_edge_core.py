@@ -16,6 +16,7 @@ import pytest
 
 from gateway.config import EdgeSection
 from gateway.edge.core import EVENT_HOLD_S, MAX_GAP_S, EdgeCore
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.model import Record, RecordKind, Sample
 from gateway.store.sqlite import SqliteStore
@@ -145,11 +146,12 @@ def test_current_steps_on_cells_of_known_resistance_give_that_resistance() -> No
         samples.append(make_sample(T0 + k / 10, current, cells=ocv - current * r_true))
     health = of_kind(run(core, samples, batch=64), RecordKind.HEALTH)
     assert len(health) == 1
-    r0 = health[0].body["r0_ohm"]
+    r0 = health[0].body["r0_25c_ohm"]  # no temperatures: taken as measured at 25 °C
     assert r0["cells"] == pytest.approx(r_true.tolist(), abs=1e-7)
     assert r0["pack"] == pytest.approx(r_true.sum(), abs=4e-7)
-    # A 50 A step every 2 s, the last at the health sample itself; 0.2 C = 20 A threshold.
-    assert health[0].body["r0_steps"] == 15
+    # A 50 A step every 2 s; 0.2 C = 20 A threshold. The step at the health sample itself has
+    # no post-step window yet.
+    assert health[0].body["r0_steps"] == 14
 
 
 def test_r0_leaves_out_cells_without_estimates_and_the_pack_sum_until_all_have_one() -> None:
@@ -160,8 +162,10 @@ def test_r0_leaves_out_cells_without_estimates_and_the_pack_sum_until_all_have_o
         samples.append(make_sample(T0 + k / 10, current, cells=[3.3 - current * 1e-3, 3.3],
                                    valid=[True, False]))
     body = of_kind(run(core, samples), RecordKind.HEALTH)[0].body
-    assert body["r0_ohm"] == {"cells": [pytest.approx(1e-3, abs=1e-7), None]}
-    assert body["r0_steps"] == 5
+    assert body["r0_25c_ohm"]["cells"] == [pytest.approx(1e-3, abs=1e-7), None]
+    assert "pack" not in body["r0_25c_ohm"]
+    # Steps every second: each post-step window ends when the next step comes.
+    assert body["r0_steps"] == 4
 
 
 def test_without_any_rated_capacity_no_cycles_and_no_steps_are_invented() -> None:
@@ -170,7 +174,7 @@ def test_without_any_rated_capacity_no_cycles_and_no_steps_are_invented() -> Non
                for k in range(51)]
     body = of_kind(run(core, samples), RecordKind.HEALTH)[0].body
     assert "numberOfFullCycles" not in body and "ratedCapacity" not in body
-    assert "r0_ohm" not in body
+    assert "r0_25c_ohm" not in body
     assert body["r0_steps"] == 0
     assert body["capacityThroughput"] > 0
 
@@ -246,7 +250,7 @@ def test_a_min_max_only_bms_gets_its_extremes_and_no_invented_cells() -> None:
     assert body["cell_temp_min_c"] == 21.5
     assert "cell_temp_max_c" not in body  # 150 °C is not plausible
     health = of_kind(records, RecordKind.HEALTH)[0].body
-    assert "r0_ohm" not in health and "r0_steps" not in health
+    assert "r0_25c_ohm" not in health and "r0_steps" not in health
     assert health["numberOfFullCycles"] == pytest.approx(20.0 / 3600 / 10.0)
     assert not of_kind(records, RecordKind.EVENTS)
 
@@ -357,17 +361,21 @@ def test_a_pack_starting_with_an_invalid_sensor_reports_it_once() -> None:
 
 def test_a_changed_cell_layout_is_an_event_and_restarts_the_per_cell_estimates() -> None:
     core = EdgeCore(EdgeSection(rated_capacity_ah=100.0, health_interval_s=1.0), Metrics())
-    samples = [make_sample(T0 + k / 10, 60.0 if k % 2 else 0.0, cells=[3.3] * 4)
-               for k in range(10)]
-    samples += [make_sample(T0 + 1 + k / 10, 60.0 if k % 2 else 0.0, cells=[3.3] * 3)
-                for k in range(1, 11)]
+    samples = [make_sample(T0 + k / 10, 60.0 if k // 10 % 2 else 0.0,
+                           cells=3.3 - (60.0 if k // 10 % 2 else 0.0) * np.full(4, 1e-3))
+               for k in range(40)]
+    samples += [make_sample(T0 + 4 + k / 10, 60.0 if k // 10 % 2 else 0.0,
+                            cells=3.3 - (60.0 if k // 10 % 2 else 0.0) * np.full(3, 2e-3))
+                for k in range(1, 41)]
     records = core.process(samples)
     events = of_kind(records, RecordKind.EVENTS)
     assert [r.body["events"] for r in events] == [[{
         "type": "layout_changed", "cells": 3, "previous_cells": 4, "sensors": 0,
         "previous_sensors": 0}]]
     health = of_kind(records, RecordKind.HEALTH)
-    assert len(health[-1].body["r0_ohm"]["cells"]) == 3
+    assert health[2].body["r0_25c_ohm"]["cells"] == [pytest.approx(1e-3, abs=1e-7)] * 4
+    # The new layout's cells start without estimates and get their own.
+    assert health[-1].body["r0_25c_ohm"]["cells"] == [pytest.approx(2e-3, abs=1e-7)] * 3
 
 
 def test_several_packs_in_one_batch_are_kept_apart_and_records_are_in_time_order() -> None:
@@ -498,3 +506,67 @@ def test_warm_up_compiles_every_kernel_signature_that_processing_uses(repo: Path
                            text=True, timeout=240, check=False)
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimator configuration
+
+
+@pytest.mark.parametrize(("settings", "key", "message"), [
+    ({"chemistry": "NCA"}, "edge.chemistry", "no built-in OCV curve"),
+    ({"ocv_soc": [0.0, 0.5, 1.0], "ocv_voltage_v": [3.0, 3.6]}, "edge.ocv_soc", "as many"),
+    ({"ocv_soc": [0.0, 0.5, 1.0], "ocv_voltage_v": [3.0, 3.7, 3.6]}, "edge.ocv_soc", "rise"),
+    ({"ocv_soc": [0.1, 0.5, 1.0], "ocv_voltage_v": [3.0, 3.6, 4.0]}, "edge.ocv_soc", "from 0"),
+])
+def test_an_unusable_chemistry_or_ocv_table_is_a_configuration_error(
+        settings: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        EdgeCore(EdgeSection(**settings), Metrics())
+    assert caught.value.key == key
+
+
+def test_a_configured_ocv_table_sets_the_soc_of_a_pack_of_any_chemistry() -> None:
+    # A made-up linear cell, 3.0 V empty to 4.0 V full, that the BMS calls "LTO".
+    core = EdgeCore(EdgeSection(rated_capacity_ah=10.0, health_interval_s=10.0,
+                                ocv_soc=[0.0, 1.0], ocv_voltage_v=[3.0, 4.0]), Metrics())
+    samples = [make_sample(T0 + k, 0.0, cells=[3.25, 3.75], chemistry="LTO") for k in range(11)]
+    body = of_kind(core.process(samples), RecordKind.HEALTH)[0].body
+    assert body["soc_cells_pct"] == [pytest.approx(25.0, abs=0.01), pytest.approx(75.0, abs=0.01)]
+    # The string can deliver 2.5 Ah (the emptier cell) and take 2.5 Ah (the fuller one).
+    assert body["stateOfCharge"] == pytest.approx(50.0, abs=0.01)
+    assert body["chemistry"] == "LTO"
+
+
+def test_the_current_offset_learned_at_rest_is_taken_out_of_the_counters() -> None:
+    metrics = Metrics()
+    core = EdgeCore(EdgeSection(rated_capacity_ah=50.0, telemetry_interval_s=0.0,
+                                health_interval_s=100.0), metrics)
+    # A sensor reading 0.3 A high: 60 s at rest, then 100 s at a true 36 A.
+    samples = [make_sample(T0 + k, 0.3) for k in range(60)]
+    samples += [make_sample(T0 + 60 + k, 36.3) for k in range(101)]
+    records = run(core, samples, batch=17)
+    last = of_kind(records, RecordKind.TELEMETRY)[-1].body
+    # Until the offset was known (after 30 s of settling) 0.3 A was counted, the last interval
+    # a trapezoid down to 0; then nothing at rest, and 36 A under load (the step into the load
+    # a trapezoid from 0 to 36 A).
+    expected = (29.5 * 0.3 + 0.5 * 36.0 + 100 * 36.0) / 3600
+    assert last["capacity_throughput_ah"] == pytest.approx(expected, rel=1e-6)
+    health = of_kind(records, RecordKind.HEALTH)[0].body
+    assert health["current_offset_a"] == pytest.approx(0.3)
+
+
+def test_stuck_and_jumping_cell_readings_are_masked_counted_and_reported() -> None:
+    metrics = Metrics()
+    core = EdgeCore(EdgeSection(telemetry_interval_s=60.0), metrics)
+    samples = []
+    for k in range(100):
+        base = 3.9 - 0.002 * k  # the pack discharges: every cell falls 2 mV per sample
+        cells = [base] * 5 + [3.86 if k >= 20 else base]  # cell 5 freezes from k = 20
+        if k == 50:
+            cells[0] += 0.4  # one reading jumps alone
+        samples.append(make_sample(T0 + k / 10, 20.0, cells=cells))
+    records = run(core, samples, batch=13)
+    assert metrics.get("cell_values_masked_total", "voltage_jump") == 1
+    assert metrics.get("cell_values_masked_total", "voltage_stuck") > 60
+    events = [e for r in of_kind(records, RecordKind.EVENTS) for e in r.body["events"]]
+    assert [(e["type"], e["cell"]) for e in events] == [("cell_voltage_invalid", 5)]

@@ -3,8 +3,15 @@
 One pipeline thread owns an :class:`EdgeCore`. Each call to :meth:`EdgeCore.process` groups the
 batch by pack, stacks each pack's samples into matrices (rows are samples, columns are cells) and
 runs every kernel once over them; Python touches each sample only to copy it into the matrices.
-Row 0 of every matrix is the pack's previous sample from its state, so integration and step
-detection run across batch boundaries, and a batch split anywhere gives the same result.
+Row 0 of every matrix is the pack's previous sample from its state, so integration, step
+detection and every estimator run across batch boundaries, and a batch split anywhere gives the
+same result.
+
+Per run of samples: plausibility masks (range, a reading that jumps alone, a stuck reading), the
+current's zero offset calibrated at rest and subtracted, voltages aligned to the current's
+instants, lifetime throughput, then the estimators (:mod:`gateway.edge.estimators`: SOC, R0 from
+current steps and by recursive least squares, capacity by AWTLS, flags, passport counters,
+trends), cut at each health row so every health record reports the state as of its own sample.
 
 Record bodies are documented field by field in docs/records.md.
 """
@@ -14,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -22,6 +28,14 @@ import structlog
 
 from gateway.config import EdgeSection
 from gateway.edge import kernels
+from gateway.edge.estimators import (
+    EVENT_HOLD_S,
+    MAX_GAP_S,
+    MAX_STEP_DT_S,
+    Estimators,
+    RunInputs,
+    iso_time,
+)
 from gateway.edge.kernels import (
     AH_CHARGE,
     AH_DISCHARGE,
@@ -39,30 +53,33 @@ from gateway.edge.kernels import (
     WH_TOTAL,
     IntArray,
 )
-from gateway.edge.state import R0_WINDOW, DebounceState, PackState
+from gateway.edge.state import (
+    CAPACITY_PREFIX,
+    PREFIXES,
+    RESISTANCE_PREFIX,
+    RUNNING_PREFIX,
+    CheckpointError,
+    DebounceState,
+    PackState,
+)
 from gateway.metrics import Metrics
 from gateway.model import BoolArray, FloatArray, Record, RecordKind, Sample
 
-#: Checkpoint keys are ``edge/<serial>``; other keys in the store belong to someone else.
-CHECKPOINT_PREFIX = "edge/"
+__all__ = ["CHECKPOINT_PREFIX", "EVENT_HOLD_S", "MAX_GAP_S", "MAX_STEP_DT_S", "EdgeCore",
+           "iso_time"]
 
-#: An interval between two samples longer than this is a gap in the data: nothing is integrated
-#: across it (the current in between is unknown, not zero).
-MAX_GAP_S = 10.0
+#: The running state of a pack is under ``edge/<serial>``; its histories under ``edge.r0/`` and
+#: ``edge.capacity/`` (see gateway/edge/state.py). Other keys in the store belong to someone else.
+CHECKPOINT_PREFIX = RUNNING_PREFIX
 
-#: A current step only yields R0 when the two samples are at most this far apart; over longer
-#: intervals the voltage change includes too much polarisation to be called ohmic.
-MAX_STEP_DT_S = 2.0
-
-#: A fault-flag or cell-validity change is reported once the new value has held this long in
-#: measurement time; flicker shorter than that is not an event.
-EVENT_HOLD_S = 2.0
+#: A cell reading that moves alone by more than this (V) between two samples, or stays exactly
+#: the same while the pack's mean cell voltage moves by more than ``STUCK_DV_V``, is masked.
+JUMP_V = 0.15
+STUCK_DV_V = 0.02
 
 #: Rounding of per-cell values in telemetry: 0.1 mV and 0.01 °C, finer than any BMS resolves.
 VOLTAGE_DECIMALS = 4
 TEMP_DECIMALS = 2
-#: R0 in health records, to 0.1 µΩ.
-R0_DECIMALS = 7
 
 #: Turns one debounced change (channel, old value, new value) into an event item.
 _Describe = Callable[[int, int, int], dict[str, Any]]
@@ -106,59 +123,104 @@ class EdgeCore:
 
     def __init__(self, settings: EdgeSection, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._settings = settings
         # Floats here once, so every kernel call has the same numba signature as warm_up's.
         self._telemetry_interval_s = float(settings.telemetry_interval_s)
         self._health_interval_s = float(settings.health_interval_s)
         self._rated_capacity_ah = float(settings.rated_capacity_ah)
-        self._min_step_c_rate = float(settings.min_step_c_rate)
         self._voltage_range = (float(settings.cell_voltage_min_v),
                                float(settings.cell_voltage_max_v))
         self._temp_range = (float(settings.cell_temp_min_c), float(settings.cell_temp_max_c))
+        self._estimators = Estimators(settings)
         self._packs: dict[str, PackState] = {}
         self._changed: set[str] = set()
+        #: a scratch core (warm_up's) keeps its synthetic packs out of the log
+        self._announce = True
 
     def warm_up(self) -> None:
         """Compile, or load from numba's cache, every kernel signature :meth:`process` uses.
 
         The supervisor calls this before it reports READY, so the first batch does not stall the
-        pipeline for seconds of compilation.
+        pipeline for seconds of compilation. A scratch core runs a few synthetic minutes of a
+        two-cell pack through every estimator: rests long enough for OCV points, current steps,
+        a discharge between them, temperatures, and a pack that sends only min/max values.
         """
-        t = np.array([0.0, 1.0])
-        scalars = np.zeros(2)
-        cells = np.zeros((2, 1))
-        valid = np.ones((2, 1), np.bool_)
-        ring = np.zeros((1, R0_WINDOW))
-        cell_steps = np.zeros(1, np.int64)
-        debouncer = DebounceState.fresh(1, 0)
-        kernels.mask_plausible(cells, valid, 0.0, 1.0)
-        kernels.masked_stats(cells, valid)
-        kernels.integrate_throughput(t, scalars, scalars, np.zeros(kernels.THROUGHPUT_COLUMNS),
-                                     MAX_GAP_S)
-        kernels.r0_steps(t, scalars, cells, valid, 1.0, MAX_STEP_DT_S, ring, cell_steps)
-        kernels.ring_median(ring, cell_steps)
-        kernels.interval_ticks(t, 0.0, 1.0, -math.inf)
-        kernels.debounce(t, np.zeros((2, 1), np.int64), debouncer.reported,
-                         debouncer.candidate, debouncer.since, EVENT_HOLD_S)
+        settings = EdgeSection(telemetry_interval_s=1.0, health_interval_s=30.0,
+                               rated_capacity_ah=10.0, chemistry="NMC", ocv_rest_s=20.0,
+                               rest_settle_s=1.0, capacity_min_delta_soc=0.01,
+                               baseline_efc=0.0)
+        scratch = EdgeCore(settings, Metrics())
+        scratch._announce = False
+        samples: list[Sample] = []
+        soc = 0.9
+        for k in range(1500):
+            ts = 1_000_000.0 + 0.5 * k
+            phase = k % 300
+            current = 0.0 if phase < 100 else (10.0 if phase % 20 < 10 else 4.0)
+            soc -= current * 0.5 / 3600.0 / 10.0
+            volts = 3.3 + 0.9 * soc - current * np.array([0.010, 0.012])
+            samples.append(Sample(
+                serial="warm-up", ts=ts, current_a=current, pack_voltage_v=float(volts.sum()),
+                bms_soc_pct=100.0 * soc, state="drive", fault_flags=0, cell_voltages_v=volts,
+                cell_voltage_valid=np.ones(2, np.bool_), cell_temps_c=np.array([25.0]),
+                cell_temp_valid=np.ones(1, np.bool_)))
+        samples.append(Sample(serial="warm-up-minmax", ts=1_000_000.0, current_a=1.0,
+                              pack_voltage_v=7.0, bms_soc_pct=50.0, state="drive",
+                              fault_flags=0, cell_voltages_v=None, cell_voltage_valid=None,
+                              cell_temps_c=None, cell_temp_valid=None))
+        scratch.process(samples)
+        scratch.take_checkpoints()
+        state = scratch._packs["warm-up"]
+        # Estimators a short synthetic run may not reach: AWTLS and the Arrhenius fit.
+        kernels.awtls_update(np.zeros((3, kernels.AWTLS_SLOTS)), np.ones(3), np.full(3, 10.0),
+                             np.full(3, 1e-4), np.full(3, 1e-2), 0.98, np.ones(3, np.bool_))
+        kernels.arrhenius_fit(state.r0_bin_ln, state.r0_bin_inv_t, state.r0_bin_held,
+                              np.zeros(state.r0_bin_held.shape[0], np.int64), 1, 3, 8.0)
+        kernels.ring_push(state.r0_ring, state.r0_ring_temp_c, state.r0_cell_steps,
+                          np.full((1, 2), np.nan), np.full((1, 2), 25.0))
 
     def restore(self, checkpoints: Mapping[str, bytes]) -> None:
-        """Continue the packs of a previous run from their checkpoints (``edge/<serial>``).
+        """Continue the packs of a previous run from their checkpoints (see gateway/edge/state.py).
 
-        Raises :class:`~gateway.edge.state.CheckpointError` for a checkpoint that cannot be read:
-        starting that pack from zero would send its lifetime counters backwards.
+        Raises :class:`~gateway.edge.state.CheckpointError` for a checkpoint that cannot be read,
+        or a history without the pack's running state: starting that pack from zero would send
+        its lifetime counters backwards.
         """
-        restored = 0
+        parts: dict[str, dict[str, bytes]] = {}
         for key, blob in checkpoints.items():
-            if not key.startswith(CHECKPOINT_PREFIX):
-                continue
-            serial = key[len(CHECKPOINT_PREFIX):]
-            self._packs[serial] = PackState.from_bytes(blob, serial)
-            restored += 1
-        _log.info("edge.restored", packs=restored)
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    parts.setdefault(key[len(prefix):], {})[prefix] = blob
+                    break
+        for serial, found in parts.items():
+            if RUNNING_PREFIX not in found:
+                raise CheckpointError(f"pack {serial!r} has checkpointed history "
+                                      f"({', '.join(sorted(found))}) but no running state")
+            self._packs[serial] = PackState.from_bytes(
+                found[RUNNING_PREFIX], serial, resistance=found.get(RESISTANCE_PREFIX),
+                capacity=found.get(CAPACITY_PREFIX))
+        _log.info("edge.restored", packs=len(parts))
 
     def take_checkpoints(self) -> dict[str, bytes]:
-        """The state of every pack that changed since the last call, keyed ``edge/<serial>``."""
-        out = {CHECKPOINT_PREFIX + serial: self._packs[serial].to_bytes()
-               for serial in sorted(self._changed)}
+        """The state of every pack that produced records since the last call, by key.
+
+        A pack's running state goes with the records it produced (the store commits both in one
+        transaction); its histories only when they changed. Batches that produced no record are
+        not checkpointed on their own: after a crash the pack continues from its last record,
+        which is what anyone outside has seen, so no published counter goes backwards, and the
+        few samples in between are bridged like any short gap. This keeps the SD card of a
+        gateway from being rewritten with every batch.
+        """
+        out: dict[str, bytes] = {}
+        for serial in sorted(self._changed):
+            state = self._packs[serial]
+            out[RUNNING_PREFIX + serial] = state.to_bytes()
+            if state.resistance_dirty:
+                out[RESISTANCE_PREFIX + serial] = state.resistance_bytes()
+                state.resistance_dirty = False
+            if state.capacity_dirty:
+                out[CAPACITY_PREFIX + serial] = state.capacity_bytes()
+                state.capacity_dirty = False
         self._changed.clear()
         return out
 
@@ -183,14 +245,16 @@ class EdgeCore:
         state = self._packs.get(serial)
         if state is None:
             state = self._packs[serial] = PackState.new(serial)
-            _log.info("edge.pack_seen", serial=serial)
+            if self._announce:
+                _log.info("edge.pack_seen", serial=serial)
         accepted, layouts = self._accept(state, group)
         if not accepted:
             return []
         records: list[Record] = []
         for run in self._runs(state, accepted, layouts):
             records.extend(self._process_run(state, run))
-        self._changed.add(serial)
+        if records:
+            self._changed.add(serial)
         return records
 
     def _accept(self, state: PackState,
@@ -243,16 +307,27 @@ class EdgeCore:
         samples = run.samples
         layout_event = self._adopt_layout(state, run.cells, run.sensors)
         stacked = self._stack(state, run)
-
-        cumulative = kernels.integrate_throughput(stacked.t, stacked.current_a,
-                                                  stacked.pack_voltage_v, state.totals, MAX_GAP_S)
-        state.totals = cumulative[-1].copy()
         for sample in reversed(samples):
             if math.isfinite(sample.rated_capacity_ah) and sample.rated_capacity_ah > 0.0:
                 state.bus_rated_capacity_ah = float(sample.rated_capacity_ah)
                 break
+        for sample in reversed(samples):
+            if sample.chemistry:
+                state.bus_chemistry = sample.chemistry
+                break
         rated_ah = (self._rated_capacity_ah if self._rated_capacity_ah > 0.0
                     else state.bus_rated_capacity_ah)
+
+        # Conditioning: the current's zero offset, calibrated at rest; voltages aligned to it.
+        corrected, rest_s = kernels.condition_current(
+            stacked.t, stacked.current_a, float(self._settings.rest_current_c_rate) * rated_ah,
+            float(self._settings.rest_settle_s), MAX_GAP_S, state.pack)
+        cumulative = kernels.integrate_throughput(stacked.t, corrected, stacked.pack_voltage_v,
+                                                  state.totals, MAX_GAP_S)
+        state.totals = cumulative[-1].copy()
+        aligned, aligned_mask = kernels.align_cells(stacked.t, stacked.cell_voltages_v,
+                                                    stacked.cell_mask,
+                                                    float(self._settings.current_lag_s))
 
         new_t = stacked.t[1:]
         if math.isnan(state.first_ts):
@@ -262,7 +337,6 @@ class EdgeCore:
         health_ticks, state.health_tick_ts = kernels.interval_ticks(
             new_t, state.first_ts, self._health_interval_s, state.health_tick_ts)
         health_rows = np.flatnonzero(health_ticks).tolist()
-        r0_at_health = self._r0(state, stacked, rated_ah, health_rows)
 
         events: dict[int, list[dict[str, Any]]] = {}
         if layout_event is not None:
@@ -274,6 +348,16 @@ class EdgeCore:
         self._debounced_events(events, new_t, stacked.temp_mask.astype(np.int64),
                                state.temp_validity, _CELL_TEMP_EVENT)
 
+        figures, estimator_events = self._estimators.run(state, RunInputs(
+            t=stacked.t, current_a=corrected, rest_s=rest_s,
+            volts=np.vstack([stacked.cell_voltages_v[:1], aligned]),
+            mask=np.vstack([stacked.cell_mask[:1], aligned_mask]),
+            raw_volts=stacked.cell_voltages_v, raw_mask=stacked.cell_mask,
+            temps=stacked.temps_c, temp_mask=stacked.temp_mask, rated_ah=rated_ah,
+            chemistry=self._estimators.chemistry(state)), health_rows)
+        for row, items in estimator_events.items():
+            events.setdefault(row, []).extend(items)
+
         state.last_ts = float(stacked.t[-1])
         state.last_current_a = float(stacked.current_a[-1])
         state.last_pack_voltage_v = float(stacked.pack_voltage_v[-1])
@@ -284,9 +368,9 @@ class EdgeCore:
         telemetry = self._telemetry_records(state.serial, samples, stacked, cumulative,
                                             telemetry_ticks)
         ordered = [(row, 0, record) for row, record in telemetry]
-        for row, (r0_cells, r0_steps) in zip(health_rows, r0_at_health, strict=True):
-            body = _health(samples[row], cumulative[row + 1], rated_ah, run.cells, r0_cells,
-                           r0_steps)
+        for row, estimates in zip(health_rows, figures, strict=True):
+            body = _health(samples[row], cumulative[row + 1], rated_ah)
+            body.update(estimates)
             ordered.append((row, 1, Record(state.serial, RecordKind.HEALTH, samples[row].ts,
                                            body)))
         for row, items in events.items():
@@ -308,6 +392,14 @@ class EdgeCore:
         cell_mask = np.empty((m + 1, run.cells), np.bool_)
         cell_mask[0] = state.last_cell_valid
         cell_mask[1:] = mask
+        stuck_ref = np.ascontiguousarray(state.cells[:, kernels.CH_STUCK_REF])
+        cell_mask[1:], stuck, jumped = kernels.mask_jumps_and_stuck(volts, cell_mask, stuck_ref,
+                                                                    STUCK_DV_V, JUMP_V)
+        state.cells[:, kernels.CH_STUCK_REF] = stuck_ref
+        if stuck:
+            self._metrics.inc("cell_values_masked_total", stuck, label="voltage_stuck")
+        if jumped:
+            self._metrics.inc("cell_values_masked_total", jumped, label="voltage_jump")
         temps = np.empty((m, run.sensors))
         flagged = _copy_vectors(samples, temps, cells=False)
         temp_mask, implausible = kernels.mask_plausible(temps, flagged, *self._temp_range)
@@ -355,29 +447,6 @@ class EdgeCore:
                      previous_cells=before[0], sensors=sensors, previous_sensors=before[1])
         return {"type": "layout_changed", "cells": cells, "previous_cells": before[0],
                 "sensors": sensors, "previous_sensors": before[1]}
-
-    def _r0(self, state: PackState, stacked: _Matrices, rated_ah: float,
-            health_rows: list[int]) -> list[tuple[FloatArray, int]]:
-        """Run step detection over the run; the R0 medians and step count at each health row.
-
-        The run is cut at health rows so that each health record reports the estimate as of
-        its own sample (the kernel continues exactly across cuts). Without a rated capacity there
-        is no step threshold (NaN), and no step is accepted.
-        """
-        min_step_a = self._min_step_c_rate * rated_ah
-        snapshots: list[tuple[FloatArray, int]] = []
-        start = 0
-        for row in [*health_rows, None]:
-            stop = stacked.t.shape[0] if row is None else row + 2
-            state.r0_steps += kernels.r0_steps(stacked.t[start:stop], stacked.current_a[start:stop],
-                                               stacked.cell_voltages_v[start:stop],
-                                               stacked.cell_mask[start:stop], min_step_a,
-                                               MAX_STEP_DT_S, state.r0_ring, state.r0_cell_steps)
-            if row is not None:
-                snapshots.append((kernels.ring_median(state.r0_ring, state.r0_cell_steps),
-                                  state.r0_steps))
-                start = row + 1
-        return snapshots
 
     @staticmethod
     def _debounced_events(events: dict[int, list[dict[str, Any]]], t: FloatArray,
@@ -430,12 +499,6 @@ class EdgeCore:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def iso_time(ts: float) -> str:
-    """POSIX seconds as ISO 8601 UTC with milliseconds (``2025-01-02T03:04:05.678Z``)."""
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 def _layout(sample: Sample) -> tuple[int, int] | None:
@@ -511,8 +574,8 @@ def _bms_extremes(body: dict[str, Any], name: str, unit: str, low: float, high: 
         _put(body, f"{name}_spread_{unit}", high - low, decimals)
 
 
-def _health(sample: Sample, totals: FloatArray, rated_ah: float, cells: int,
-            r0_cells: FloatArray, r0_steps: int) -> dict[str, Any]:
+def _health(sample: Sample, totals: FloatArray, rated_ah: float) -> dict[str, Any]:
+    """The health figures that come from the sample and the throughput counters."""
     body: dict[str, Any] = {"lastUpdate": iso_time(sample.ts)}
     body["capacityThroughput"] = float(totals[AH_TOTAL])
     body["capacityThroughputCharge"] = float(totals[AH_CHARGE])
@@ -523,14 +586,6 @@ def _health(sample: Sample, totals: FloatArray, rated_ah: float, cells: int,
     if math.isfinite(rated_ah) and rated_ah > 0.0:
         body["ratedCapacity"] = rated_ah
         body["numberOfFullCycles"] = float(totals[AH_DISCHARGE]) / rated_ah
-    if cells:
-        known = np.isfinite(r0_cells)
-        if known.any():
-            r0: dict[str, Any] = {"cells": _cell_list(r0_cells, known, R0_DECIMALS)}
-            if known.all():
-                r0["pack"] = round(float(r0_cells.sum()), R0_DECIMALS)
-            body["r0_ohm"] = r0
-        body["r0_steps"] = r0_steps
     _put(body, "bms_soc_pct", sample.bms_soc_pct)
     return body
 
