@@ -19,6 +19,7 @@ protocol asks, so ``systemctl reload`` waits for it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -143,7 +144,7 @@ class Supervisor:
         log.info("gateway_ready", stages=[s.name for s in self.stages])
         interval = watchdog_interval_s()
         last_ping = 0.0
-        last_tick = time.monotonic()
+        last_tick = -math.inf  # the first status document goes out on the first turn
         stalled: set[str] = set()
         exit_code = EXIT_OK
         while not self._stop_requested.is_set():

@@ -261,7 +261,8 @@ def test_status_under_a_running_daemon(tmp_path: Path) -> None:
             while '"gateway_ready"' not in log.read_text(errors="replace"):
                 assert proc.poll() is None and time.monotonic() < deadline, _tail(log)
                 time.sleep(0.1)
-            while (summary := status(config))["records_acked_total"] < 3:
+            while ((summary := status(config))["records_acked_total"] < 3
+                   or not summary["daemon_running"]):
                 assert time.monotonic() < deadline, summary
                 time.sleep(0.3)
             table = subprocess.run([sys.executable, "-m", "gateway", "status", "-c",
