@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,20 +149,51 @@ class Subscriber:
         with self._cond:
             return [(m.topic, m.envelope) for m in self.messages if m.envelope is not None]
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float,
+                   what: str | Callable[[], str]) -> None:
         """Wait (bounded) until ``predicate()`` holds; fail the test with ``what`` if it never
-        does. The predicate is evaluated with the subscriber's lock held, on each message."""
+        does. The predicate is evaluated with the subscriber's lock held, on each message.
+        ``what`` may be a callable, evaluated (with the lock held) only when the wait fails, so
+        the message tells the state at the timeout rather than at the call."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+                    text = what() if callable(what) else what
+                    raise AssertionError(f"timed out after {timeout} s waiting for {text}")
                 self._cond.wait(min(left, 0.2))
 
     def wait_for_records(self, n: int, timeout: float = 30.0) -> None:
         self.wait_until(lambda: len(self.deliveries) >= n, timeout,
-                        f"{n} distinct records (have {len(self.deliveries)})")
+                        lambda: f"{n} distinct records (have {len(self.deliveries)})")
+
+    def missing(self, gateway_id: str, seqs: Iterable[int]) -> list[int]:
+        """Those of ``seqs`` not delivered yet, in the order given."""
+        with self._cond:
+            return [seq for seq in seqs if (gateway_id, seq) not in self.deliveries]
+
+    def wait_for_seqs(self, gateway_id: str, seqs: Collection[int], timeout: float = 30.0,
+                      context: Callable[[], str] | None = None) -> None:
+        """Wait until every one of ``seqs`` has been delivered at least once. A count is not
+        enough: a re-delivered record can stand in for a missing one. On failure the message
+        names the missing seqs, and ``context()`` (the sender's accounting, say) if given."""
+        wanted = sorted(set(seqs))
+        # the first missing seq only moves forward: checking from there keeps each turn short
+        first = [0]
+
+        def done() -> bool:
+            while first[0] < len(wanted) and (gateway_id, wanted[first[0]]) in self.deliveries:
+                first[0] += 1
+            return first[0] == len(wanted)
+
+        def what() -> str:
+            gone = self.missing(gateway_id, wanted)
+            text = (f"{len(wanted)} records of {gateway_id}; {len(gone)} missing "
+                    f"(first: {gone[:20]}), {len(self.deliveries)} distinct received")
+            return f"{text}; {context()}" if context is not None else text
+
+        self.wait_until(done, timeout, what)
 
     def wait_for_status(self, topic: str, value: str, timeout: float = 10.0) -> None:
         def seen() -> bool:
