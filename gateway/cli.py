@@ -137,15 +137,19 @@ def _check_config(args: argparse.Namespace) -> int:
 
 #: a status document older than this means the daemon is not running (it writes every few s)
 _STALE_S = 30.0
+#: dead letters ``status`` lists, newest first (the counts by reason cover them all)
+_RECENT_DEAD_LETTERS = 5
 
 
 def status_summary(config: Config) -> dict[str, Any]:
     """Everything ``status`` shows, as one flat-ish dict (also the ``--json`` output)."""
     from gateway.app import STATUS_META_KEY
     from gateway.metrics import flatten
-    from gateway.store.sqlite import MOVED_ASIDE_META_KEY, read_status
+    from gateway.store.sqlite import MOVED_ASIDE_META_KEY, read_dead_letters, read_status
 
     stats, meta = read_status(config.store.path)
+    recent = read_dead_letters(config.store.path, _RECENT_DEAD_LETTERS) if stats.dead_letters \
+        else []
     doc = json.loads(meta.get(STATUS_META_KEY) or "{}")
     flat = flatten(doc.get("metrics", {}))
     updated = doc.get("updated_at")
@@ -170,10 +174,17 @@ def status_summary(config: Config) -> dict[str, Any]:
         # a corrupt store was moved aside (kept there) and this one made in its place
         "store_moved_aside": meta.get(MOVED_ASIDE_META_KEY),
     }
-    for reason, n in sorted(stats.dropped_total.items()):
-        out[f"records_dropped_total{{{reason}}}"] = n
+    # the store's own counts are exact over its life: they win over the daemon's snapshot
+    for name, by_label in (("records_committed_total", stats.committed_by_kind),
+                           ("records_dropped_total", stats.dropped_total),
+                           ("records_dead_lettered_total", stats.dead_lettered_by_reason)):
+        for label, n in sorted(by_label.items()):
+            out[f"{name}{{{label}}}"] = n
     for key, value in flat.items():
         out.setdefault(key, value)
+    out["dead_letters_recent"] = [
+        {"seq": d.seq, "serial": d.serial, "kind": d.kind, "reason": d.reason,
+         "attempts": d.attempts, "ts": d.ts} for d in recent]
     out["packs"] = doc.get("packs", {})
     return out
 
@@ -228,6 +239,12 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {key:<{width}}  {s[key]}")
     if s.get("store_moved_aside"):
         lines.append(f"  note: a corrupt store was moved aside and kept: {s['store_moved_aside']}")
+    if s["dead_letters_recent"]:
+        lines.append("")
+        lines.append(f"  newest dead letters (of {s['records_dead_lettered_total']}):")
+        for d in s["dead_letters_recent"]:
+            lines.append(f"    seq {d['seq']}  {d['serial']}/{d['kind']}  {d['reason']}  "
+                         f"measured {_age(d['ts'])}, {d['attempts']} retries")
     if s["packs"]:
         lines.append("")
         lines.append(f"  {'serial':<20} {'last seen':<22} {'last record':<22} {'SOC %':>6} "

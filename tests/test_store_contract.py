@@ -333,14 +333,30 @@ def test_stats_track_every_change(make_store: MakeStore) -> None:
         3, 1, 1, 3)
 
 
+def test_stats_count_commits_by_kind_and_dead_letters_by_reason(make_store: MakeStore) -> None:
+    store = make_store(max_records=4)
+    store.commit([rec(T), rec(H), rec(T), rec(E), rec(T)])  # the first telemetry is dropped
+    store.lease(4)
+    store.reject([2], "payload_too_large")
+    store.reject([3, 4], "topic_invalid")
+    store.reject([4], "payload_too_large")  # already a dead letter: nothing more
+    stats = store.stats()
+    assert stats.committed_by_kind == {"telemetry": 3, "health": 1, "events": 1}
+    assert sum(stats.committed_by_kind.values()) == stats.committed_total
+    assert stats.dead_lettered_by_reason == {"payload_too_large": 1, "topic_invalid": 2}
+    assert stats.dead_letters == 3
+    assert stats.dropped_total == {"quota": 1}
+
+
 def test_metrics_count_what_the_store_did(make_store: MakeStore) -> None:
     metrics = Metrics()
     store = make_store(max_records=5, metrics=metrics)
-    store.commit([rec(n=i) for i in range(7)])
+    store.commit([rec(n=i) for i in range(6)] + [rec(H)])
     store.lease(3)
     store.ack([3, 4])
     store.reject([5], "invalid_topic")
     assert metrics.get("records_committed_total") == 7
+    assert metrics.get("records_committed_total", "health") == 1
     assert metrics.get("records_dropped_total", "quota") == 2
     assert metrics.get("records_acked_total") == 2
     assert metrics.get("records_dead_lettered_total", "invalid_topic") == 1

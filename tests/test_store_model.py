@@ -53,6 +53,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.checkpoints: dict[str, bytes] = {}
         self.last_seq = 0
         self.committed = 0
+        self.committed_by_kind: dict[str, int] = {}
         self.acked = 0
         self.dropped = 0
 
@@ -79,6 +80,8 @@ class StoreMachine(RuleBasedStateMachine):
             self.rows.append(Row(seq, kind, record.ts, dict(record.body), record_size(record)))
         self.last_seq += len(kinds)
         self.committed += len(kinds)
+        for kind in kinds:
+            self.committed_by_kind[kind.value] = self.committed_by_kind.get(kind.value, 0) + 1
         while (len(self.rows) > self.max_records
                or sum(r.size for r in self.rows) > self.max_bytes):
             unleased = [r for r in self.rows if r.seq not in self.leased]
@@ -185,6 +188,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert stats.dropped_total == ({"quota": self.dropped} if self.dropped else {})
         assert stats.dead_letters == len(self.dead)
         assert stats.last_seq == self.last_seq
+        assert stats.committed_by_kind == self.committed_by_kind
+        reasons: dict[str, int] = {}
+        for _, reason, _ in self.dead:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        assert stats.dead_lettered_by_reason == reasons
         # every seq handed out is stored, acked, dropped or dead, exactly once
         assert self.committed == len(self.rows) + self.acked + self.dropped + len(self.dead)
 

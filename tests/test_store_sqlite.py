@@ -5,6 +5,7 @@ processes killed with SIGKILL. The shared contract is in test_store_contract.py.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -25,7 +26,13 @@ from gateway.config import StoreSection
 from gateway.errors import StoreCorruptError, StoreError
 from gateway.metrics import Metrics
 from gateway.model import Record, RecordKind
-from gateway.store.sqlite import MOVED_ASIDE_META_KEY, SqliteStore, read_status
+from gateway.store.sqlite import (
+    MOVED_ASIDE_META_KEY,
+    SqliteStore,
+    read_dead_letters,
+    read_status,
+)
+from tests.support.tmpfs import require_tmpfs, tmpfs_command
 
 T, H, E = RecordKind.TELEMETRY, RecordKind.HEALTH, RecordKind.EVENTS
 BIG = 1 << 40
@@ -549,8 +556,8 @@ def test_the_store_stays_out_of_the_disks_reserve(tmp_path: Path) -> None:
     store = open_store(path)
     store.close()
     start_size = path.stat().st_size
-    # Leave the store about 2 MiB of the disk (the WAL's 4 MiB allowance comes off first), and
-    # offer it 16 MB. Other processes share this disk, hence the loose bound below.
+    # Leave the store about 6 MiB of the disk (its WAL's allowance comes off that first), and
+    # offer it 64 MB. Other processes share this disk, hence the loose bound below.
     reserve = shutil.disk_usage(tmp_path).free - 6 * 1024 * 1024
     store = open_store(path, max_bytes=64 * 1024 * 1024, min_free_bytes=reserve)
     rng = random.Random(4)
@@ -565,6 +572,69 @@ def test_the_store_stays_out_of_the_disks_reserve(tmp_path: Path) -> None:
     assert len(events(logs, "store_full")) == 1
     assert_dropped_by_priority(committed, store)
     store.close()
+
+
+FULL_DISK_CHILD = """
+import json, os, shutil, sys
+from structlog.testing import capture_logs
+from gateway.model import Record, RecordKind
+from gateway.store.sqlite import SqliteStore
+
+folder, batch, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path = os.path.join(folder, "store.sqlite")
+kinds = [RecordKind.TELEMETRY] * 8 + [RecordKind.HEALTH, RecordKind.EVENTS]
+footprint, error, n = 0, None, 0
+with capture_logs() as logs:
+    store = SqliteStore(path, max_bytes=1 << 30, max_records=1 << 40, min_free_bytes=0)
+    try:
+        for _ in range(rounds):
+            store.commit([Record("PACK-1", kinds[(n + i) % 10], float(n + i),
+                                 {"pad": "x" * 400, "n": n + i}) for i in range(batch)])
+            n += batch
+            footprint = max(footprint, sum(os.path.getsize(p) for p in (path, path + "-wal")
+                                           if os.path.exists(p)))
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    stats = store.stats()
+    kept = {kind: 0 for kind in ("telemetry", "health", "events")}
+    if error is None:
+        for record in store.lease(1 << 30):
+            kept[record.kind.value] += 1
+    store.close()
+print(json.dumps({"error": error, "committed": stats.committed_total, "stored": stats.records,
+                  "dropped": stats.dropped_total, "kept": kept, "footprint": footprint,
+                  "disk": shutil.disk_usage(folder).total,
+                  "events": [e["event"] for e in logs]}))
+"""
+
+
+@pytest.mark.parametrize(("disk_mib", "batch"), [(16, 500), (4, 50)])
+def test_a_store_alone_on_a_small_filesystem_fills_it_and_keeps_working(
+        tmp_path: Path, repo: Path, disk_mib: int, batch: int) -> None:
+    """A real filesystem that fills up: a private tmpfs, the store given more than fits and no
+    reserve. Its WAL needs room too (once the WAL cannot grow, even a delete fails), so the
+    store must size the WAL by the disk and stop the file short of it."""
+    require_tmpfs()
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    rounds = 12 * disk_mib * 1024 // (batch * 470 // 1024) // 10  # about 1.2 disks' worth
+    done = subprocess.run(
+        tmpfs_command(folder, disk_mib << 20,
+                      [sys.executable, "-c", FULL_DISK_CHILD, str(folder), str(batch),
+                       str(rounds)]),
+        capture_output=True, text=True, timeout=120, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["error"] is None, result
+    assert result["disk"] == disk_mib << 20
+    assert result["footprint"] < result["disk"]
+    dropped = result["dropped"]["quota"]
+    assert dropped == result["committed"] - result["stored"] > 0  # every drop counted
+    # it kept records (the disk holds thousands), the health and events among them
+    assert result["stored"] > 1000
+    assert result["kept"]["health"] == result["kept"]["events"] == result["committed"] // 10
+    assert result["events"].count("store_full") == 1
 
 
 # -- read_status ---------------------------------------------------------------------------------
@@ -587,6 +657,23 @@ def test_read_status_of_a_closed_store_leaves_no_files_behind(tmp_path: Path) ->
     assert stats == expected
     assert meta == {"counters": '{"a": 1}'}
     assert files_in(tmp_path) == ["store.sqlite"]
+
+
+def test_read_dead_letters_lists_the_newest_first_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = open_store(path)
+    store.commit([rec(n=i) for i in range(5)])
+    store.reject([2, 4], "payload_too_large")
+    store.reject([3], "topic_invalid")
+    store.close()
+    before = files_in(tmp_path)
+    newest = read_dead_letters(path, 2)
+    assert [(d.seq, d.reason) for d in newest] == [(4, "payload_too_large"),
+                                                   (3, "topic_invalid")]
+    assert newest[0].body == '{"n":3}'
+    stats, _meta = read_status(path)
+    assert stats.dead_lettered_by_reason == {"payload_too_large": 2, "topic_invalid": 1}
+    assert files_in(tmp_path) == before
 
 
 def test_read_status_of_something_else_is_an_error(tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ Checkpoints are opaque bytes by key (the edge core's per-pack estimator state), 
 same transaction as the records of the same ``commit`` call, so a crash never separates them.
 Meta is a small key → text map for runtime state (counter snapshots for ``status``).
 
-A store given a ``Metrics`` counts ``records_committed_total``, ``records_acked_total``,
+A store given a ``Metrics`` counts ``records_committed_total{kind}``, ``records_acked_total``,
 ``records_dropped_total{reason}`` and ``records_dead_lettered_total{reason}`` itself; callers
-must not count those again. Every method raises ``StoreError`` once the store is closed.
+must not count those again; ``stats()`` has the same figures, exact over the store's life.
+Every method raises ``StoreError`` once the store is closed.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class StoreStats:
     dropped_total: Mapping[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     last_seq: int = 0
+    #: ``committed_total`` by kind, so a consumer can check per kind what arrived (quota drops
+    #: telemetry first: the health and events it committed must all arrive)
+    committed_by_kind: Mapping[str, int] = field(default_factory=dict)
+    #: ``dead_letters`` by reason
+    dead_lettered_by_reason: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ suite in tests/ runs against both implementations.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.errors import StoreError
@@ -36,9 +37,10 @@ class MemoryStore:
         self._meta: dict[str, str] = {}
         self._last_seq = 0
         self._bytes = 0
-        self._committed = 0
+        self._committed: dict[str, int] = {}
         self._acked = 0
         self._dropped: dict[str, int] = {}
+        self._dead_by_reason: dict[str, int] = {}
         self._closed = False
 
     def _check_open(self) -> None:
@@ -60,8 +62,9 @@ class MemoryStore:
                 self._sizes[stored.seq] = size
                 self._bytes += size
                 seqs.append(stored.seq)
-            self._committed += len(seqs)
-            self._metrics.inc("records_committed_total", len(seqs))
+            for kind, n in Counter(record.kind.value for record in records).items():
+                self._committed[kind] = self._committed.get(kind, 0) + n
+                self._metrics.inc("records_committed_total", n, label=kind)
             self._checkpoints.update(checkpoints or {})
             self._enforce_quota()
             return seqs
@@ -142,6 +145,8 @@ class MemoryStore:
                                                  record.ts, record.attempts,
                                                  encode_body(record.body), reason)
                     n += 1
+            if n:
+                self._dead_by_reason[reason] = self._dead_by_reason.get(reason, 0) + n
             self._metrics.inc("records_dead_lettered_total", n, label=reason)
             self._settle()
 
@@ -180,9 +185,12 @@ class MemoryStore:
             self._check_open()
             oldest = min((r.ts for r in self._records.values()), default=None)
             return StoreStats(records=len(self._records), bytes=self._bytes,
-                              oldest_unsent_ts=oldest, committed_total=self._committed,
+                              oldest_unsent_ts=oldest,
+                              committed_total=sum(self._committed.values()),
                               acked_total=self._acked, dropped_total=dict(self._dropped),
-                              dead_letters=len(self._dead), last_seq=self._last_seq)
+                              dead_letters=len(self._dead), last_seq=self._last_seq,
+                              committed_by_kind=dict(self._committed),
+                              dead_lettered_by_reason=dict(self._dead_by_reason))
 
     def close(self) -> None:
         with self._lock:

@@ -24,16 +24,18 @@ Choices, and why:
   mirrored in memory, so ``stats()`` costs one indexed ``min(ts)``, and ``read_status`` reads
   them without scanning the records.
 - Space. The quota (``max_records`` and the ``charged_bytes`` estimate against ``max_bytes``)
-  is enforced before a commit's rows are inserted. The file itself is capped with ``PRAGMA
-  max_page_count`` at ``max_bytes`` less the WAL's allowance, and lower still so the store never
-  grows into the filesystem's last ``min_free_bytes`` (re-checked every DISK_CHECK_INTERVAL_S).
-  If the file fills anyway (fragmentation; a full disk, where even a delete can fail once the
-  WAL cannot grow), the commit is rolled back, the byte cap lowered below what fitted, and the
-  commit retried: it then drops oldest lowest-priority records first, and deletes precede inserts
-  in one transaction so the inserts reuse the freed pages. The WAL is truncated back to its
-  allowance after each checkpoint, not to zero, so that space stays ours for those deletes; it
-  holds a whole transaction, so one commit bigger than the allowance overshoots it until the
-  next write. The database file never shrinks: freed pages are reused.
+  is enforced before a commit's rows are inserted. The store's room is ``max_bytes``, and never
+  more than what it holds plus the filesystem's free space less ``min_free_bytes`` (re-checked
+  every DISK_CHECK_INTERVAL_S). The WAL's allowance comes off that room first: it is
+  checkpointed at a quarter of its allowance and truncated back to that, so the transaction that
+  crosses the mark still fits; the allowance shrinks with a small disk, because a WAL that
+  outgrows the free space fails every write, deletes included. The file is capped with ``PRAGMA
+  max_page_count`` at the rest. If the file fills anyway (fragmentation; a disk filled by
+  someone else), the commit is rolled back, the WAL checkpointed and restarted so the retry
+  reuses the space the WAL file already holds, the byte cap lowered below what fitted, and the
+  commit retried: it then drops oldest lowest-priority records first, and deletes precede
+  inserts in one transaction so the inserts reuse the freed pages. The database file never
+  shrinks: freed pages are reused.
 - Integrity. At open, ``PRAGMA integrity_check``, not quick_check: quick_check does not compare
   indexes with their table, and a damaged index that passes it fails every later DELETE, so the
   daemon would crash and restart forever (integrity_check costs about 3 s per GB here, once). A
@@ -61,6 +63,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,8 +83,12 @@ SCHEMA_VERSION = 1
 PAGE_SIZE = 4096
 #: The empty schema takes 12 pages; a smaller file cap could not hold a useful number of rows.
 MIN_FILE_BYTES = 256 * 1024
-#: The WAL's share of ``max_bytes`` is an eighth, at most this (SQLite's default checkpoint size).
+#: The WAL's allowance: an eighth of ``max_bytes`` and a quarter of the room the disk leaves the
+#: store, at most this (SQLite's default checkpoint size) and at least MIN_WAL_BYTES.
 WAL_MAX_BYTES = 4 * 1024 * 1024
+MIN_WAL_BYTES = 256 * 1024
+#: Each page in the WAL is preceded by a frame header of this many bytes.
+WAL_FRAME_HEADER = 24
 DISK_CHECK_INTERVAL_S = 10.0
 #: Attempts at a commit that finds the file full, each allowed to drop more.
 FULL_RETRIES = 6
@@ -98,6 +105,8 @@ _DEAD_LETTERED = "dead_lettered"
 _RECORDS = "stored_records"
 _BYTES = "stored_bytes"
 _DROPPED = "dropped:"
+_COMMITTED_KIND = "committed:"
+_DEAD_LETTERED_REASON = "dead_lettered:"
 
 
 
@@ -153,6 +162,9 @@ def _expected_schema() -> frozenset[tuple[Any, ...]]:
 
 _ADD_TOTAL = ("INSERT INTO totals (name, value) VALUES (?, ?) "
               "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
+# Text columns as raw bytes, so that rotten bytes fail one row, not the query (see ``_decode``).
+_SELECT_DEAD_LETTERS = ("SELECT seq, CAST(serial AS BLOB), CAST(kind AS BLOB), CAST(ts AS REAL), "
+                        "CAST(attempts AS INTEGER), CAST(body AS BLOB), reason FROM dead_letters")
 _SELECT_ROW = ("SELECT seq, CAST(serial AS BLOB), CAST(kind AS BLOB), ts, attempts, "
                "CAST(body AS BLOB) FROM records")
 
@@ -219,11 +231,8 @@ class SqliteStore:
             raise StoreError(f"{self._path}: SQLite refused WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        file_cap = max(self._max_bytes, MIN_FILE_BYTES)
-        self._wal_bytes = min(WAL_MAX_BYTES, file_cap // 8)
-        conn.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, self._wal_bytes // self._page_size)}")
-        self._file_pages = (file_cap - self._wal_bytes) // self._page_size
+        self._file_cap = max(self._max_bytes, MIN_FILE_BYTES)
+        self._wal_bytes = 0
         self._check_disk(conn)
 
     def _load_totals(self, conn: sqlite3.Connection) -> dict[str, int]:
@@ -244,20 +253,42 @@ class SqliteStore:
         return totals
 
     def _check_disk(self, conn: sqlite3.Connection) -> None:
-        """Cap the file's pages at max_bytes and at the disk's free space less the reserve."""
-        page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        """Share the room the store may take between the file and its WAL, and cap both.
+
+        The room is what the store holds now (file and WAL) plus the disk's free space less the
+        reserve, and never more than ``max_bytes``. The WAL gets its allowance (see
+        ``_allow_wal``) and the file's pages are capped at the rest.
+        """
         try:
             free = shutil.disk_usage(self._path.parent).free
+            # sizes on disk: pages still only in the WAL are not in the file yet
+            held = _file_size(self._path) + _file_size(Path(f"{self._path}-wal"))
         except OSError as e:
             raise StoreError(f"{self._path}: cannot read the free disk space: {e}") from e
-        headroom = free - self._min_free_bytes - self._wal_bytes
-        pages = min(self._file_pages, page_count + max(0, headroom) // self._page_size)
+        room = held + free - self._min_free_bytes
+        wal_bytes = max(MIN_WAL_BYTES, min(WAL_MAX_BYTES, self._file_cap // 8, room // 4))
+        if wal_bytes != self._wal_bytes:
+            self._allow_wal(conn, wal_bytes)
+        pages = min(self._file_cap, room) - wal_bytes
         # SQLite never sets the cap below the file's current size; it answers the cap it took.
-        effective = int(conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0])
+        effective = int(conn.execute(
+            f"PRAGMA max_page_count = {max(1, pages // self._page_size)}").fetchone()[0])
         if effective > self._page_cap:
             self._byte_cap = self._max_bytes  # more room than when the file last filled up
         self._page_cap = effective
         self._next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
+
+    def _allow_wal(self, conn: sqlite3.Connection, wal_bytes: int) -> None:
+        """Keep the WAL within ``wal_bytes``: it is checkpointed once it holds a quarter of that,
+        and truncated back to that quarter after each checkpoint; the rest is for the one
+        transaction that crosses the mark (a commit at the quota rewrites the pages of the
+        records it drops as well as those it adds). A WAL frame is a page plus its header, so
+        the threshold counts frames, not pages."""
+        mark = wal_bytes // 4
+        conn.execute(f"PRAGMA journal_size_limit = {mark}")
+        frames = max(1, mark // (self._page_size + WAL_FRAME_HEADER))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {frames}")
+        self._wal_bytes = wal_bytes
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -329,8 +360,15 @@ class SqliteStore:
                 f"{len(self._leased)} leased)")
 
     def _after_full(self, conn: sqlite3.Connection, attempt: int, batch_bytes: int) -> None:
-        """The file hit its page cap or the disk is full: lower the byte cap below what fitted."""
+        """The file hit its page cap or the disk is full: lower the byte cap below what fitted.
+
+        The WAL is checkpointed and restarted first, so the retry writes over the WAL's frames
+        from the start, into space the WAL file already holds: on a full disk that is the only
+        space a write can count on. RESTART, not TRUNCATE, which would hand that space to
+        whatever filled the disk.
+        """
         self._check_disk(conn)
+        conn.execute("PRAGMA wal_checkpoint(RESTART)")
         step = max(batch_bytes, 16 * self._page_size)
         self._byte_cap = max(0, min(self._byte_cap, self._bytes()) - attempt * step)
 
@@ -362,13 +400,16 @@ class SqliteStore:
             tx.executemany("INSERT OR REPLACE INTO checkpoints (key, value) VALUES (?, ?)",
                            list(checkpoints.items()))
             dropped = len(old_victims) + len(new_victims)
+            by_kind = Counter(record.kind.value for record in records)
             deltas = {_COMMITTED: n, _RECORDS: len(kept) - freed_rows,
                       _BYTES: sum(row[5] for row in kept) - freed_bytes,
-                      _DROPPED + "quota": dropped}
+                      _DROPPED + "quota": dropped,
+                      **{_COMMITTED_KIND + kind: count for kind, count in by_kind.items()}}
             _add_totals(tx, deltas)
         self._apply(deltas)
         self._last_seq = max(self._last_seq, first + n - 1)
-        self._metrics.inc("records_committed_total", n)
+        for kind, count in by_kind.items():
+            self._metrics.inc("records_committed_total", count, label=kind)
         if dropped:
             self._metrics.inc("records_dropped_total", dropped, label="quota")
             self._alarm.dropped(dropped, records=self._records(), bytes_=self._bytes(),
@@ -454,7 +495,8 @@ class SqliteStore:
             _log().error("store_record_undecodable", path=str(self._path), seq=seq, error=error)
         with self._write(durable=False) as tx:
             n, freed = _move_to_dead_letters(tx, [seq for seq, _ in rotten], "undecodable")
-            deltas = {_DEAD_LETTERED: n, _RECORDS: -n, _BYTES: -freed}
+            deltas = {_DEAD_LETTERED: n, _DEAD_LETTERED_REASON + "undecodable": n,
+                      _RECORDS: -n, _BYTES: -freed}
             _add_totals(tx, deltas)
         self._apply(deltas)
         self._metrics.inc("records_dead_lettered_total", n, label="undecodable")
@@ -503,7 +545,8 @@ class SqliteStore:
             try:
                 with self._write(durable=False) as tx:
                     n, freed = _move_to_dead_letters(tx, wanted, reason)
-                    deltas = {_DEAD_LETTERED: n, _RECORDS: -n, _BYTES: -freed}
+                    deltas = {_DEAD_LETTERED: n, _DEAD_LETTERED_REASON + reason: n,
+                              _RECORDS: -n, _BYTES: -freed}
                     _add_totals(tx, deltas)
             except sqlite3.Error as e:
                 raise _store_error(self._path, "reject", e) from e
@@ -522,15 +565,10 @@ class SqliteStore:
         with self._lock:
             conn = self._connection()
             try:
-                rows = conn.execute(
-                    "SELECT seq, CAST(serial AS BLOB), CAST(kind AS BLOB), CAST(ts AS REAL), "
-                    "CAST(attempts AS INTEGER), CAST(body AS BLOB), reason "
-                    "FROM dead_letters ORDER BY seq").fetchall()
+                rows = conn.execute(f"{_SELECT_DEAD_LETTERS} ORDER BY seq").fetchall()
             except sqlite3.Error as e:
                 raise _store_error(self._path, "listing dead letters", e) from e
-        return [DeadLetter(seq, _text(serial), _text(kind), ts, attempts, _text(body),
-                           str(reason))
-                for seq, serial, kind, ts, attempts, body, reason in rows]
+        return [_dead_letter(row) for row in rows]
 
     # -- checkpoints, meta, stats ---------------------------------------------------------
 
@@ -603,6 +641,30 @@ def read_status(path: str | os.PathLike[str]) -> tuple[StoreStats, dict[str, str
     Never creates any file (see ``_connect_read_only``) and never takes a lock that would stall
     the daemon: WAL readers do not block the writer. All figures come from one snapshot.
     """
+    with _reading(path, "reading status") as conn:
+        conn.execute("BEGIN")
+        totals = {str(name): int(value)
+                  for name, value in conn.execute("SELECT name, value FROM totals")}
+        oldest = conn.execute("SELECT min(ts) FROM records").fetchone()[0]
+        last_seq = _last_seq(conn)
+        meta = {str(key): str(value) for key, value in conn.execute("SELECT key, value FROM meta")}
+        conn.execute("COMMIT")
+    return _stats(totals, oldest, last_seq), meta
+
+
+def read_dead_letters(path: str | os.PathLike[str], limit: int) -> list[DeadLetter]:
+    """The newest ``limit`` dead letters of the store at ``path``, newest first; read-only, as
+    ``read_status``."""
+    with _reading(path, "listing dead letters") as conn:
+        rows = conn.execute(f"{_SELECT_DEAD_LETTERS} ORDER BY seq DESC LIMIT ?",
+                            (limit,)).fetchall()
+    return [_dead_letter(row) for row in rows]
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str], action: str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the gateway store at ``path``; sqlite3 errors become
+    StoreError naming ``action``."""
     store = Path(path)
     if not store.is_file():
         raise StoreError(f"{store}: no store file there")
@@ -613,18 +675,11 @@ def read_status(path: str | os.PathLike[str]) -> tuple[StoreStats, dict[str, str
     try:
         if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
             raise StoreError(f"{store}: not a bms-gateway store")
-        conn.execute("BEGIN")
-        totals = {str(name): int(value)
-                  for name, value in conn.execute("SELECT name, value FROM totals")}
-        oldest = conn.execute("SELECT min(ts) FROM records").fetchone()[0]
-        last_seq = _last_seq(conn)
-        meta = {str(key): str(value) for key, value in conn.execute("SELECT key, value FROM meta")}
-        conn.execute("COMMIT")
+        yield conn
     except sqlite3.Error as e:
-        raise _store_error(store, "reading status", e) from e
+        raise _store_error(store, action, e) from e
     finally:
         conn.close()
-    return _stats(totals, oldest, last_seq), meta
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -635,9 +690,16 @@ def _stats(totals: Mapping[str, int], oldest: float | None, last_seq: int) -> St
         records=totals.get(_RECORDS, 0), bytes=totals.get(_BYTES, 0),
         oldest_unsent_ts=None if oldest is None else float(oldest),
         committed_total=totals.get(_COMMITTED, 0), acked_total=totals.get(_ACKED, 0),
-        dropped_total={name.removeprefix(_DROPPED): n for name, n in totals.items()
-                       if name.startswith(_DROPPED) and n},
-        dead_letters=totals.get(_DEAD_LETTERED, 0), last_seq=last_seq)
+        dropped_total=_by_label(totals, _DROPPED),
+        dead_letters=totals.get(_DEAD_LETTERED, 0), last_seq=last_seq,
+        committed_by_kind=_by_label(totals, _COMMITTED_KIND),
+        dead_lettered_by_reason=_by_label(totals, _DEAD_LETTERED_REASON))
+
+
+def _by_label(totals: Mapping[str, int], prefix: str) -> dict[str, int]:
+    """The non-zero totals named ``<prefix><label>``, by label."""
+    return {name.removeprefix(prefix): n for name, n in totals.items()
+            if name.startswith(prefix) and n}
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:
@@ -681,6 +743,11 @@ def _decode(row: tuple[Any, ...]) -> StoredRecord:
                         decoded, int(attempts))
 
 
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    seq, serial, kind, ts, attempts, body, reason = row
+    return DeadLetter(seq, _text(serial), _text(kind), ts, attempts, _text(body), str(reason))
+
+
 def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode(errors="backslashreplace")
 
@@ -716,6 +783,13 @@ def _store_error(path: Path, action: str, error: sqlite3.Error) -> StoreError:
         return StoreCorruptError(f"{path}: {action} failed, the store file is corrupt "
                                  f"({error}); it is moved aside at the next start")
     return StoreError(f"{path}: {action} failed: {error}")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _sidecars(path: Path) -> tuple[Path, Path, Path]:
