@@ -417,6 +417,29 @@ def test_acl_refusal_keeps_records_until_the_acl_allows_them(tmp_path: Path) -> 
     assert metrics.get("records_acked_total") == 3
 
 
+def test_a_broker_that_keeps_dropping_the_connection_is_retried_ever_more_slowly(
+        tmp_path: Path) -> None:
+    """Mosquitto drops the connection after each refused publish. A reconnect backoff reset
+    by every CONNACK would retry at reconnect_min_s, 20 times a second here, for as long as
+    the refusal lasts; only a connection that lasted resets it."""
+    metrics = Metrics()
+    store = MemoryStore(metrics=metrics)
+    store.commit([telemetry("PACK-1", i) for i in range(5)])
+    with Broker(tmp_path / "broker", acl="topic read bms/#\n") as broker, \
+            capture_logs() as logs:
+        settings = mqtt_settings(broker, reconnect_min_s=0.05, reconnect_max_s=0.8,
+                                 retry_backoff_s=0.05)
+        publisher = Publisher(settings, GATEWAY, store, metrics)
+        with running(publisher):
+            time.sleep(4.0)
+    drops = metrics.get("broker_disconnects_total")
+    # backoff 0.05, 0.1, 0.2, 0.4, then 0.4 to 0.8 s: at most about a dozen in 4 s
+    assert 3 <= drops <= 15, drops
+    assert len(events(logs, "broker_lost")) == drops
+    assert store.stats().records == 5
+    assert metrics.get("records_acked_total") == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # status and Last Will
 

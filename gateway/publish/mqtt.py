@@ -22,7 +22,10 @@ refused alone is dead-lettered (``store.reject``). Each refusal counts in
 ``puback_errors_total{code}`` (``0x87``) and is logged when a topic starts being refused
 (``publish_refused``) and when it is accepted again (``publish_accepted``). Mosquitto 2.0
 answers an ACL-denied publish with PUBACK 0x87 and then drops the connection; the hold outlives
-the reconnect, so the denied topic does not stall the others.
+the reconnect, so the denied topic does not stall the others. The PUBACK often does not get
+through before the connection goes, so nothing tells which topic was denied: the reconnect
+backoff is therefore reset only by a connection that lasted ``STABLE_CONNECTION_S``, and a
+broker that keeps dropping us is retried ever more slowly, not several times a second.
 
 Size limits. The payload bound is ``batch_max_bytes`` and the broker's CONNACK Maximum Packet
 Size. A broker that drops an oversized message without announcing a limit (Mosquitto's
@@ -91,6 +94,10 @@ TURN_S = 0.05
 POLL_S = 1.0
 #: a connect that got its TCP connection must see CONNACK within this
 CONNACK_TIMEOUT_S = 10.0
+#: a connection that lasted this long resets the reconnect backoff; one dropped sooner (the
+#: broker kicks us after each refused publish, or for a second client with our id) does not,
+#: so a flapping connection is retried ever more slowly instead of several times a second
+STABLE_CONNECTION_S = 10.0
 #: on stop: how long to wait for outstanding acks, then for the ``offline`` status ack
 STOP_DRAIN_S = 5.0
 STOP_STATUS_S = 2.0
@@ -176,6 +183,7 @@ class Publisher:
         self._next_attempt = 0.0
         self._attempts = 0
         self._connack_deadline = 0.0
+        self._connected_at = 0.0
         self._ever_connected = False
         self._lost_at: float | None = None
         self._last_failure: str | None = None
@@ -287,7 +295,7 @@ class Publisher:
             return
         self._broker_max_packet = event.max_packet
         self._broker_receive_max = event.receive_max
-        self._attempts = 0
+        self._connected_at = time.monotonic()
         self._last_failure = None
         self._lease_now = True
         self._set_state("connected")
@@ -318,6 +326,8 @@ class Publisher:
         self._metrics.inc("broker_disconnects_total")
         self._forget_connection()
         self._lost_at = time.monotonic()
+        if self._lost_at - self._connected_at >= STABLE_CONNECTION_S:
+            self._attempts = 0
         log.warning("broker_lost", reason=reason, code=f"0x{code:02x}", unacked_messages=unacked)
         self._schedule_reconnect()
 
