@@ -4,7 +4,8 @@ Each :class:`Broker` writes a fresh ``mosquitto.conf`` into its work folder and 
 ``mosquitto -c`` on a free 127.0.0.1 port. Tests drive faults through it: ``kill()`` (SIGKILL, no
 persistence write), ``restart()`` on the same port, ``pause()``/``resume()`` (SIGSTOP/SIGCONT: the
 TCP connection stays up but nothing is acknowledged), ``set_acl()`` (rewrite the ACL file and
-SIGHUP, which makes Mosquitto re-read it), ``save_persistence()`` (SIGUSR1). ``make_pki()``
+SIGHUP, which makes Mosquitto re-read it), ``save_persistence()`` (SIGUSR1), and, with
+``gateway_listener``, ``start(gateway=False)``: up for everyone but the gateway. ``make_pki()``
 makes a throwaway CA with server and client certificates (``openssl``) for a TLS listener.
 
 Delivery tests set ``max_inflight_messages 0`` and ``max_queued_messages 0`` so the broker itself
@@ -80,10 +81,13 @@ class Broker:
                  users: Mapping[str, str] | None = None, acl: str | None = None,
                  persistence: bool = False, message_size_limit: int = 0,
                  max_packet_size: int = 0, tls: BrokerTls | None = None,
-                 extra_config: Sequence[str] = ()) -> None:
+                 extra_config: Sequence[str] = (), gateway_listener: bool = False) -> None:
         self.executable = require_program("mosquitto")
         self.host = "127.0.0.1"
         self.port = free_port()
+        #: a second listener for the gateway alone (``gateway_listener``): ``start(gateway=False)``
+        #: leaves it closed, so a test can set the broker up before the gateway gets in
+        self.gateway_port = free_port() if gateway_listener else self.port
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "mosquitto.conf"
@@ -145,8 +149,15 @@ class Broker:
             self.acl_file.write_text(acl, encoding="utf-8")
             lines.append(f"acl_file {self.acl_file}")
         lines += list(extra)
-        self.config_file.write_text("\n".join(line for line in lines if line) + "\n",
-                                    encoding="utf-8")
+        self._config_lines = [line for line in lines if line]
+        self._write_config_file(gateway=True)
+
+    def _write_config_file(self, *, gateway: bool) -> None:
+        lines = list(self._config_lines)
+        if gateway and self.gateway_port != self.port:
+            lines.insert(lines.index(f"listener {self.port} {self.host}") + 1,
+                         f"listener {self.gateway_port} {self.host}")
+        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _write_passwords(self, users: Mapping[str, str]) -> None:
         tool = require_program("mosquitto_passwd")
@@ -167,9 +178,11 @@ class Broker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def start(self) -> Broker:
+    def start(self, *, gateway: bool = True) -> Broker:
+        """Start (the gateway's listener too, unless ``gateway`` is False)."""
         if self.running:
             raise RuntimeError("broker already running")
+        self._write_config_file(gateway=gateway)
         log = self.log_file.open("ab")
         try:
             self._process = subprocess.Popen(
@@ -182,7 +195,8 @@ class Broker:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited with {self._process.returncode} at start: "
                                    f"{self.log_tail()}")
-            if port_accepts(self.host, self.port):
+            if port_accepts(self.host, self.port) and (
+                    not gateway or port_accepts(self.host, self.gateway_port)):
                 return self
             time.sleep(0.02)
         self.kill()
