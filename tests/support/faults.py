@@ -66,8 +66,12 @@ def count_frames(trace: Path) -> int:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
-                           isolation_level=None)
+    """Read-only, creating nothing: without a -wal file nobody has the store open, and it is
+    read as immutable (no -shm made). The path is made absolute, not resolved: a store seen
+    through ``/proc/<pid>/root`` (a private tmpfs) must not be resolved to the outside view."""
+    live = Path(f"{path}-wal").exists()
+    uri = f"{path.absolute().as_uri()}?mode=ro{'' if live else '&immutable=1'}"
+    return sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
 
 
 @dataclass(frozen=True, slots=True)
