@@ -10,6 +10,8 @@ broker acknowledged (``kill_broker_when_caught_up``): a loss can only be the gat
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.daemon import Daemon, gateway_config, status
+from tests.support.daemon import REPO, Daemon, child_env, gateway_config, status
 from tests.support.faults import (
     account,
     kill_broker_when_caught_up,
@@ -221,3 +223,39 @@ def test_acl_denies_telemetry_for_ten_seconds_nothing_deleted_then_delivered(
     # (about 1 s once grown: 10 s of refusals, not one drop per refused publish)
     flaps = len(log_events(log, "broker_lost"))
     assert 0 < flaps <= 30, flaps
+
+
+def test_records_the_broker_can_never_take_are_dead_lettered_and_shown_by_status(
+        tmp_path: Path, fleet: Path) -> None:
+    """A broker whose maximum packet (announced in CONNACK) is smaller than any telemetry
+    record: those records are refused for good, moved to the dead-letter table, counted by
+    reason and listed by ``bms-gateway status``; the health records flow; nothing is lost."""
+    broker = Broker(tmp_path / "broker", max_packet_size=700)  # telemetry ~0.9 KB, health ~0.5
+    config = fleet_config(tmp_path, broker.port, fleet)
+    store, log = tmp_path / "store.sqlite", tmp_path / "daemon.log"
+    with broker, Subscriber(broker.host, broker.port) as sub, Daemon(config, log) as daemon:
+        daemon.wait_ready()
+        wait_until(lambda: store.exists() and len(read_store(store).dead) > 1000, 30,
+                   "telemetry to be dead-lettered", daemon)
+        assert daemon.terminate(timeout=10) == 0, daemon.tail()
+    counts = status(config)
+    accounting = account(counts, sub.received, sub.duplicates)
+    view = read_store(store)
+    text = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=child_env(),
+                          check=True).stdout
+    print(f"\nbroker maximum packet 700 bytes: {accounting}; "
+          f"{ {k: v for k, v in counts.items() if k.startswith('records_dead_lettered')} }")
+    assert accounting.lost == 0, accounting
+    assert accounting.dead_lettered == len(view.dead) == counts[
+        "records_dead_lettered_total{payload_too_large}"]
+    assert accounting.dead_lettered == counts["records_committed_total{telemetry}"]
+    assert counts.get("records_committed_total{health}", 0) > 0
+    assert {topic.rsplit("/", 1)[1] for topic, _ in sub.envelopes()} == {"health"}
+    recent = counts["dead_letters_recent"]
+    assert [d["seq"] for d in recent] == sorted(view.dead, reverse=True)[:5]
+    assert {(d["kind"], d["reason"]) for d in recent} == {("telemetry", "payload_too_large")}
+    assert "newest dead letters" in text and "payload_too_large" in text
+    # logged once per stream losing records, not per batch: 16 telemetry streams
+    streams = {(e["serial"], e["kind"]) for e in log_events(log, "records_dead_lettered")}
+    assert len(log_events(log, "records_dead_lettered")) == len(streams) == PACKS

@@ -201,6 +201,8 @@ class Publisher:
         self._held: dict[_Group, float] = {}
         self._refusal_streak: dict[_Group, int] = {}
         self._refused_topics: dict[str, int] = {}
+        # reasons each stream is losing records to the dead-letter table for (logged once)
+        self._dead_lettering: dict[_Group, set[str]] = {}
         self._alone: set[int] = set()
         self._suspects: dict[int, int] = {}
         self._batch_bytes_cap: int | None = None
@@ -346,13 +348,15 @@ class Publisher:
                 self._suspects.pop(seq, None)
             if self._refused_topics.pop(sent.topic, None) is not None:
                 log.info("publish_accepted", topic=sent.topic)
+            self._dead_lettering.pop(sent.group, None)
             return
         code = f"0x{event.code:02x}"
         self._metrics.inc("puback_errors_total", label=code)
         permanent = PERMANENT_PUBACK_CODES.get(event.code)
         if permanent is not None and len(sent.seqs) == 1:
             action = "dead_letter"
-            self._dead_letter(list(sent.seqs), permanent, f"PUBACK {code} {event.reason}")
+            self._dead_letter(sent.group, list(sent.seqs), permanent,
+                              f"PUBACK {code} {event.reason}")
         elif permanent is not None:
             action = "split"
             self._alone.update(sent.seqs)
@@ -379,14 +383,22 @@ class Publisher:
         # they are leasable again (after any hold): do not wait for a wake to pick them up
         self._lease_now = True
 
-    def _dead_letter(self, seqs: list[int], reason: str, detail: str) -> None:
+    def _dead_letter(self, group: _Group, seqs: list[int], reason: str, detail: str) -> None:
+        """Records refused for good go to the dead-letter table. Logged when a stream starts
+        losing records for a reason, not for every batch: a broker limit that every telemetry
+        record exceeds would otherwise log each commit for ever. A delivery on the stream
+        re-arms the log; ``status`` counts and lists them all."""
         # the store counts records_dead_lettered_total{reason}
         self._store.reject(seqs, reason)
         for seq in seqs:
             self._alone.discard(seq)
             self._suspects.pop(seq, None)
-        log.error("records_dead_lettered", reason=reason, records=len(seqs), first_seq=seqs[0],
-                  detail=detail)
+        reasons = self._dead_lettering.setdefault(group, set())
+        if reason not in reasons:
+            reasons.add(reason)
+            log.error("records_dead_lettered", serial=group[0], kind=group[1], reason=reason,
+                      records=len(seqs), first_seq=seqs[0], detail=detail,
+                      note="more from this stream are only counted until it delivers again")
 
     def _suspect_size(self, code: int) -> None:
         """The broker dropped us while messages were in flight, in a way that says it refused
@@ -402,7 +414,7 @@ class Publisher:
         seq = guilty.seqs[0]
         self._suspects[seq] = self._suspects.get(seq, 0) + 1
         if self._suspects[seq] >= 2:
-            self._dead_letter([seq], REASON_TOO_LARGE,
+            self._dead_letter(guilty.group, [seq], REASON_TOO_LARGE,
                               f"connection dropped (0x{code:02x}) twice while this "
                               f"{guilty.payload_bytes}-byte message was in flight")
 
@@ -468,13 +480,13 @@ class Publisher:
             max_records=settings.batch_max_records, max_bytes=settings.batch_max_bytes,
             max_packet=self._broker_max_packet or MQTT_MAX_PACKET,
             batch_bytes=self._batch_bytes_cap, alone=self._alone)
-        refused: dict[str, list[int]] = {}
+        refused: dict[tuple[_Group, str], tuple[list[int], str]] = {}
         for refusal in batch.refusals:
-            refused.setdefault(refusal.reason, []).append(refusal.seq)
-            self._waiting.pop(refusal.seq, None)
-        for reason, seqs in refused.items():
-            detail = next(r.detail for r in batch.refusals if r.reason == reason)
-            self._dead_letter(seqs, reason, detail)
+            record = self._waiting.pop(refusal.seq)
+            key = ((record.serial, record.kind.value), refusal.reason)
+            refused.setdefault(key, ([], refusal.detail))[0].append(refusal.seq)
+        for (group, reason), (seqs, detail) in refused.items():
+            self._dead_letter(group, seqs, reason, detail)
         for envelope in batch.envelopes:
             if free <= 0:
                 break
