@@ -2,8 +2,10 @@
 
 Frames come from the source's queue in batches; samples go through the edge core a batch at a time;
 records and the edge core's checkpoints are committed to the store together, in one transaction, at
-most every ``commit_interval_s`` (or sooner when many records wait), so a crash never separates
-estimator state from the records it produced. Nothing is published before it is committed: the
+most every ``commit_interval_s`` (or sooner when ``commit_max_records`` wait), so a crash never
+separates estimator state from the records it produced. The bound keeps a transaction (which
+passes whole through SQLite's WAL) within what a store on a small disk allows its WAL, even
+when a replay runs as fast as it goes. Nothing is published before it is committed: the
 publisher is only woken after the commit.
 """
 
@@ -52,7 +54,7 @@ class PackSeen:
 class Pipeline:
     def __init__(self, queue: FrameQueue, assembler: Assembler, edge: Edge, store: Store,
                  metrics: Metrics, *, on_commit: Callable[[], None] | None = None,
-                 commit_interval_s: float = 0.25, commit_max_records: int = 5000,
+                 commit_interval_s: float = 0.25, commit_max_records: int = 1000,
                  batch_frames: int = 4096) -> None:
         self.queue = queue
         self.assembler = assembler

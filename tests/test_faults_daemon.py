@@ -11,8 +11,13 @@ forward across restarts as on a live bus (the edge core refuses samples older th
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.daemon import Daemon, gateway_config, status
+from tests.support.daemon import REPO, Daemon, child_env, gateway_config, status
 from tests.support.faults import (
     account,
     integrity_check,
@@ -31,6 +36,7 @@ from tests.support.faults import (
     write_fleet_traces,
 )
 from tests.support.subscriber import Subscriber
+from tests.support.tmpfs import inside_command, require_tmpfs, tmpfs_command
 
 GATEWAY = "gw-faults"
 PACKS = 16
@@ -288,4 +294,71 @@ def test_quota_reached_while_the_broker_is_down(tmp_path: Path) -> None:
     # transitions logged once each, not per record
     assert len(log_events(log, "store_full")) == 1
     assert len(log_events(log, "store_drained")) == 1
+    assert not log_events(log, "stage_crashed")
+
+
+def test_a_full_filesystem_while_the_broker_is_down(tmp_path: Path,
+                                                     pieces: list[Path]) -> None:
+    """The store alone on a 6 MiB filesystem (a private tmpfs) with no reserve, given a 256 MB
+    quota it can never reach, and 60 s of the fleet replayed as fast as it goes with the broker
+    down: the disk fills, the daemon stays up and drops telemetry, counted; once the broker is
+    back it drains everything it kept and exits by itself (end of the replay)."""
+    require_tmpfs()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = 6 << 20
+    broker = Broker(tmp_path / "broker", persistence=True, gateway_listener=True)
+    config = gateway_config(
+        tmp_path, broker_port=broker.gateway_port, gateway_id=GATEWAY,
+        source={"kind": "replay", "files": [str(p) for p in pieces[:10]], "replay_speed": 0.0},
+        edge={"telemetry_interval_s": 0.0, "health_interval_s": 1.0},
+        extra={"store": {"path": str(disk / "store.sqlite"), "min_free_bytes": 0}})
+    log, final = tmp_path / "daemon.log", tmp_path / "final-status.json"
+    # the daemon, then (the tmpfs goes with the namespace) its final status, in the namespace
+    script = ('"$1" -m gateway run -c "$2" > "$3" 2>&1; code=$?; '
+              '"$1" -m gateway status -c "$2" --json > "$4"; exit $code')
+    daemon = subprocess.Popen(
+        tmpfs_command(disk, size, ["sh", "-c", script, "sh", sys.executable, str(config),
+                                   str(log), str(final)]),
+        cwd=REPO, env=child_env(), start_new_session=True)
+    # the tmpfs as the daemon sees it; SQLite itself must read it from inside the namespace
+    mounted = Path(f"/proc/{daemon.pid}/root") / disk.relative_to("/")
+
+    def running() -> bool:
+        if daemon.poll() is not None:
+            raise AssertionError(f"daemon exited {daemon.returncode}:\n"
+                                 f"{log.read_text(errors='replace')[-4000:]}")
+        return True
+
+    try:
+        wait_until(lambda: running() and len(log_events(log, "replay_finished")) == 10, 120,
+                   "the replay to finish with the broker down")
+        during = status(config, wrap=lambda command: inside_command(daemon.pid, command))
+        footprint = sum(p.stat().st_size for p in mounted.iterdir())
+        assert during["daemon_running"] is True
+        assert during["records_dropped_total{quota}"] > 0
+        assert during["records_committed_total"] == (during["store_records"]
+                                                     + during["records_dropped_total{quota}"])
+        assert footprint < size
+        broker.start(gateway=False)
+        try:
+            with Subscriber(broker.host, broker.port) as sub:
+                broker.restart()
+                assert daemon.wait(timeout=60) == 0, log.read_text(errors="replace")[-4000:]
+        finally:
+            broker.stop()
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+    counts = json.loads(final.read_text())
+    accounting = account(counts, sub.received, sub.duplicates)
+    got = received_by_kind(sub)
+    print(f"\n6 MiB filesystem filled with the broker down: {accounting}; stored at the end of "
+          f"the replay {during['store_records']} records in {footprint} bytes (file and WAL)")
+    assert accounting.lost == 0, accounting
+    assert accounting.still_stored == 0 and accounting.dropped > 0
+    for kind in ("health", "events"):
+        assert len(got[kind]) == counts.get(f"records_committed_total{{{kind}}}", 0), kind
+    assert len(log_events(log, "store_full")) == 1
     assert not log_events(log, "stage_crashed")

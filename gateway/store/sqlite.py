@@ -27,9 +27,11 @@ Choices, and why:
   is enforced before a commit's rows are inserted. The store's room is ``max_bytes``, and never
   more than what it holds plus the filesystem's free space less ``min_free_bytes`` (re-checked
   every DISK_CHECK_INTERVAL_S). The WAL's allowance comes off that room first: it is
-  checkpointed at a quarter of its allowance and truncated back to that, so the transaction that
+  checkpointed at an eighth of its allowance and truncated back to that, so the transaction that
   crosses the mark still fits; the allowance shrinks with a small disk, because a WAL that
-  outgrows the free space fails every write, deletes included. The file is capped with ``PRAGMA
+  outgrows the free space fails every write, deletes included. Transactions stay small for the
+  same reason: acks, retries and rejects are written RESOLVE_CHUNK records at a time, and the
+  pipeline commits at most a thousand records at once. The file is capped with ``PRAGMA
   max_page_count`` at the rest. If the file fills anyway (fragmentation; a disk filled by
   someone else), the commit is rolled back, the WAL checkpointed and restarted so the retry
   reuses the space the WAL file already holds, the byte cap lowered below what fitted, and the
@@ -64,7 +66,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,8 @@ SCHEMA_VERSION = 1
 PAGE_SIZE = 4096
 #: The empty schema takes 12 pages; a smaller file cap could not hold a useful number of rows.
 MIN_FILE_BYTES = 256 * 1024
-#: The WAL's allowance: an eighth of ``max_bytes`` and a quarter of the room the disk leaves the
-#: store, at most this (SQLite's default checkpoint size) and at least MIN_WAL_BYTES.
+#: The WAL's allowance: an eighth of ``max_bytes`` and half the room the disk leaves the store,
+#: at most this (SQLite's default checkpoint size) and at least MIN_WAL_BYTES.
 WAL_MAX_BYTES = 4 * 1024 * 1024
 MIN_WAL_BYTES = 256 * 1024
 #: Each page in the WAL is preceded by a frame header of this many bytes.
@@ -92,6 +94,8 @@ WAL_FRAME_HEADER = 24
 DISK_CHECK_INTERVAL_S = 10.0
 #: Attempts at a commit that finds the file full, each allowed to drop more.
 FULL_RETRIES = 6
+#: Records an ack, retry or reject changes per transaction (see ``_resolve``).
+RESOLVE_CHUNK = 200
 #: Where a store made after moving a corrupt file aside notes that file, so ``status`` shows it.
 MOVED_ASIDE_META_KEY = "store.moved_aside"
 
@@ -266,7 +270,7 @@ class SqliteStore:
         except OSError as e:
             raise StoreError(f"{self._path}: cannot read the free disk space: {e}") from e
         room = held + free - self._min_free_bytes
-        wal_bytes = max(MIN_WAL_BYTES, min(WAL_MAX_BYTES, self._file_cap // 8, room // 4))
+        wal_bytes = max(MIN_WAL_BYTES, min(WAL_MAX_BYTES, self._file_cap // 8, room // 2))
         if wal_bytes != self._wal_bytes:
             self._allow_wal(conn, wal_bytes)
         pages = min(self._file_cap, room) - wal_bytes
@@ -279,12 +283,12 @@ class SqliteStore:
         self._next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
 
     def _allow_wal(self, conn: sqlite3.Connection, wal_bytes: int) -> None:
-        """Keep the WAL within ``wal_bytes``: it is checkpointed once it holds a quarter of that,
-        and truncated back to that quarter after each checkpoint; the rest is for the one
+        """Keep the WAL within ``wal_bytes``: it is checkpointed once it holds an eighth of that,
+        and truncated back to that eighth after each checkpoint; the rest is for the one
         transaction that crosses the mark (a commit at the quota rewrites the pages of the
         records it drops as well as those it adds). A WAL frame is a page plus its header, so
         the threshold counts frames, not pages."""
-        mark = wal_bytes // 4
+        mark = wal_bytes // 8
         conn.execute(f"PRAGMA journal_size_limit = {mark}")
         frames = max(1, mark // (self._page_size + WAL_FRAME_HEADER))
         conn.execute(f"PRAGMA wal_autocheckpoint = {frames}")
@@ -345,13 +349,15 @@ class SqliteStore:
             try:
                 if time.monotonic() >= self._next_disk_check:
                     self._check_disk(conn)
+                cap = self._byte_cap
                 for attempt in range(FULL_RETRIES):
                     try:
-                        return self._commit_locked(records, bodies, sizes, checkpoints or {})
+                        return self._commit_locked(records, bodies, sizes, checkpoints or {},
+                                                   cap)
                     except sqlite3.Error as e:
                         if _primary_code(e) != sqlite3.SQLITE_FULL:
                             raise
-                        self._after_full(conn, attempt, sum(sizes))
+                        cap = self._after_full(conn, attempt, sum(sizes))
             except sqlite3.Error as e:
                 raise _store_error(self._path, "commit", e) from e
             raise StoreError(
@@ -359,8 +365,15 @@ class SqliteStore:
                 f"make room for {len(records)} records ({self._records()} stored, "
                 f"{len(self._leased)} leased)")
 
-    def _after_full(self, conn: sqlite3.Connection, attempt: int, batch_bytes: int) -> None:
-        """The file hit its page cap or the disk is full: lower the byte cap below what fitted.
+    def _after_full(self, conn: sqlite3.Connection, attempt: int, batch_bytes: int) -> int:
+        """The file hit its page cap or the disk is full: the byte cap for the retry after
+        failed ``attempt``.
+
+        The store cannot hold more than it holds now, so the byte cap comes down to that, and
+        stays there until a disk check finds more room. Each further retry of the same commit
+        is allowed a batch less (deletes free whole pages only slowly in a fragmented file),
+        for that commit only: one commit that needed more must not leave the store dropping
+        everything that follows.
 
         The WAL is checkpointed and restarted first, so the retry writes over the WAL's frames
         from the start, into space the WAL file already holds: on a full disk that is the only
@@ -369,11 +382,12 @@ class SqliteStore:
         """
         self._check_disk(conn)
         conn.execute("PRAGMA wal_checkpoint(RESTART)")
+        self._byte_cap = min(self._byte_cap, self._bytes())
         step = max(batch_bytes, 16 * self._page_size)
-        self._byte_cap = max(0, min(self._byte_cap, self._bytes()) - attempt * step)
+        return max(0, self._byte_cap - attempt * step)
 
     def _commit_locked(self, records: Sequence[Record], bodies: list[str], sizes: list[int],
-                       checkpoints: Mapping[str, bytes]) -> list[int]:
+                       checkpoints: Mapping[str, bytes], byte_cap: int) -> list[int]:
         n = len(records)
         with self._write(durable=True) as tx:
             # Read inside the transaction: the file, not our memory, is the authority on seqs.
@@ -383,7 +397,7 @@ class SqliteStore:
             old_victims, new_victims = self._choose_victims(
                 tx, sorted(zip(ranks, seqs, sizes, strict=True)), first_new=first,
                 over_records=self._records() + n - self._max_records,
-                over_bytes=self._bytes() + sum(sizes) - self._byte_cap)
+                over_bytes=self._bytes() + sum(sizes) - byte_cap)
             tx.executemany("DELETE FROM records WHERE seq = ?",
                            [(seq,) for seq, _ in old_victims])
             freed_rows = len(old_victims)
@@ -503,57 +517,77 @@ class SqliteStore:
 
     def ack(self, seqs: Iterable[int]) -> int:
         wanted = list(seqs)
+
+        def delete(tx: sqlite3.Connection, chunk: list[int]) -> dict[str, int]:
+            marks = _marks(chunk)
+            found, size = tx.execute("SELECT count(*), coalesce(sum(size), 0) FROM records "
+                                     f"WHERE seq IN ({marks})", chunk).fetchone()
+            tx.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
+            return {_ACKED: int(found), _RECORDS: -int(found), _BYTES: -int(size)}
+
         with self._lock:
-            try:
-                with self._write(durable=False) as tx:
-                    n = 0
-                    freed = 0
-                    for chunk in _chunks(wanted):
-                        marks = _marks(chunk)
-                        found, size = tx.execute(
-                            "SELECT count(*), coalesce(sum(size), 0) FROM records "
-                            f"WHERE seq IN ({marks})", chunk).fetchone()
-                        tx.execute(f"DELETE FROM records WHERE seq IN ({marks})", chunk)
-                        n += found
-                        freed += size
-                    deltas = {_ACKED: n, _RECORDS: -n, _BYTES: -freed}
-                    _add_totals(tx, deltas)
-            except sqlite3.Error as e:
-                raise _store_error(self._path, "ack", e) from e
-            self._apply(deltas)
+            n = self._resolve("ack", wanted, delete).get(_ACKED, 0)
             self._leased.difference_update(wanted)
             self._metrics.inc("records_acked_total", n)
             self._settle()
-            return int(n)
+            return n
 
     def retry(self, seqs: Iterable[int]) -> None:
         wanted = list(seqs)
+
+        def count_attempt(tx: sqlite3.Connection, chunk: list[int]) -> dict[str, int]:
+            tx.executemany("UPDATE records SET attempts = attempts + 1 WHERE seq = ?",
+                           [(seq,) for seq in chunk])
+            return {}
+
         with self._lock:
-            try:
-                with self._write(durable=False) as tx:
-                    tx.executemany("UPDATE records SET attempts = attempts + 1 WHERE seq = ?",
-                                   [(seq,) for seq in wanted])
-            except sqlite3.Error as e:
-                raise _store_error(self._path, "retry", e) from e
+            self._resolve("retry", wanted, count_attempt)
             self._leased.difference_update(wanted)
             if wanted:
                 self._scan_from = min(self._scan_from, min(wanted))
 
     def reject(self, seqs: Iterable[int], reason: str) -> None:
         wanted = list(seqs)
+
+        def move(tx: sqlite3.Connection, chunk: list[int]) -> dict[str, int]:
+            n, freed = _move_to_dead_letters(tx, chunk, reason)
+            return {_DEAD_LETTERED: n, _DEAD_LETTERED_REASON + reason: n, _RECORDS: -n,
+                    _BYTES: -freed}
+
         with self._lock:
-            try:
-                with self._write(durable=False) as tx:
-                    n, freed = _move_to_dead_letters(tx, wanted, reason)
-                    deltas = {_DEAD_LETTERED: n, _DEAD_LETTERED_REASON + reason: n,
-                              _RECORDS: -n, _BYTES: -freed}
-                    _add_totals(tx, deltas)
-            except sqlite3.Error as e:
-                raise _store_error(self._path, "reject", e) from e
-            self._apply(deltas)
+            n = self._resolve("reject", wanted, move).get(_DEAD_LETTERED, 0)
             self._leased.difference_update(wanted)
             self._metrics.inc("records_dead_lettered_total", n, label=reason)
             self._settle()
+
+    def _resolve(self, action: str, seqs: list[int],
+                 work: Callable[[sqlite3.Connection, list[int]], dict[str, int]],
+                 ) -> dict[str, int]:
+        """Run ``work`` over ``seqs`` in one transaction per RESOLVE_CHUNK seqs and return the
+        totals it counted, summed.
+
+        An ack, retry or reject may name thousands of records (a drained window), and every
+        page a transaction changes goes through the WAL: one transaction for all of them could
+        outgrow the WAL's allowance and, with no reserve left on the disk, fail. Small ones
+        always fit; nothing needs them together, as each record is resolved on its own.
+        """
+        summed: dict[str, int] = {}
+        try:
+            for chunk in _chunks(seqs, RESOLVE_CHUNK):
+                deltas = self._resolve_chunk(work, chunk)
+                for name, n in deltas.items():
+                    summed[name] = summed.get(name, 0) + n
+        except sqlite3.Error as e:
+            raise _store_error(self._path, action, e) from e
+        return summed
+
+    def _resolve_chunk(self, work: Callable[[sqlite3.Connection, list[int]], dict[str, int]],
+                       chunk: list[int]) -> dict[str, int]:
+        with self._write(durable=False) as tx:
+            deltas = work(tx, chunk)
+            _add_totals(tx, deltas)
+        self._apply(deltas)
+        return deltas
 
     def release_all(self) -> None:
         with self._lock:
@@ -711,9 +745,9 @@ def _add_totals(conn: sqlite3.Connection, deltas: Mapping[str, int]) -> None:
     conn.executemany(_ADD_TOTAL, [(name, n) for name, n in deltas.items() if n])
 
 
-def _chunks(seqs: Sequence[int]) -> Iterator[list[int]]:
-    for start in range(0, len(seqs), _IN_CHUNK):
-        yield list(seqs[start:start + _IN_CHUNK])
+def _chunks(seqs: Sequence[int], size: int = _IN_CHUNK) -> Iterator[list[int]]:
+    for start in range(0, len(seqs), size):
+        yield list(seqs[start:start + size])
 
 
 def _marks(chunk: Sequence[int]) -> str:

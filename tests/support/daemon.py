@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,12 @@ class Daemon:
             self.proc.wait(10)
 
 
-def status(config: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(config), "--json"],
+def status(config: Path, *, wrap: Callable[[list[str]], list[str]] | None = None,
+           ) -> dict[str, Any]:
+    """``bms-gateway status --json``; ``wrap`` turns the command into another that runs it
+    (in the daemon's mount namespace, say)."""
+    command = [sys.executable, "-m", "gateway", "status", "-c", str(config), "--json"]
+    out = subprocess.run(wrap(command) if wrap is not None else command,
                          capture_output=True, text=True, timeout=60, cwd=REPO, env=child_env(),
                          check=True)
     result: dict[str, Any] = json.loads(out.stdout)

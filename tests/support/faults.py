@@ -132,8 +132,10 @@ def integrity_check(path: Path) -> list[str]:
 
 
 def log_events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines (of one event name), in order."""
-    out = []
+    """The daemon's JSON log lines (of one event name), in order; none before the log exists."""
+    out: list[dict[str, Any]] = []
+    if not log.exists():
+        return out
     for line in log.read_text(errors="replace").splitlines():
         if not line.startswith("{"):
             continue

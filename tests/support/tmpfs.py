@@ -2,8 +2,9 @@
 
 ``unshare --mount`` gives the command a private mount namespace (a normal user also needs
 ``--user --map-root-user``), where a tmpfs of a fixed size is mounted over a folder. Nobody
-outside sees the mount; it vanishes with the command. The command's files stay reachable from
-outside through ``/proc/<pid>/root`` while it runs, and a command run inside can read them.
+outside sees the mount; it vanishes with the command. While it runs, another command can join its
+namespace (``inside_command``) to see the files; ``/proc/<pid>/root`` shows them too, but not
+to SQLite, which resolves that link to the outside view.
 
 Where the kernel or a security policy refuses namespaces, tests skip and say why: the test then
 needs a machine (or a CI runner) that allows ``unshare``.
@@ -36,11 +37,20 @@ def tmpfs_command(mountpoint: Path, size_bytes: int, argv: Sequence[str]) -> lis
             *argv]
 
 
+def inside_command(pid: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in the mount namespace of process ``pid`` (one ``tmpfs_command`` made)."""
+    nsenter = shutil.which("nsenter") or "nsenter"
+    namespaces = ["--mount"] if os.geteuid() == 0 else ["--user", "--preserve-credentials",
+                                                         "--mount"]
+    return [nsenter, f"--target={pid}", *namespaces, "--", *argv]
+
+
 @functools.cache
 def tmpfs_problem() -> str | None:
     """Why a private tmpfs cannot be had here, or None when it can."""
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
+    for program in ("unshare", "nsenter"):
+        if shutil.which(program) is None:
+            return f"{program} (util-linux) is not installed"
     with tempfile.TemporaryDirectory(prefix="tmpfs-probe-") as folder:
         try:
             done = subprocess.run(tmpfs_command(Path(folder), 1 << 20, ["true"]),
