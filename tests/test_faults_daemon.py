@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from gateway.model import Record, RecordKind
+from gateway.store.sqlite import SqliteStore
 from tests.support.broker import Broker
 from tests.support.daemon import REPO, Daemon, child_env, gateway_config, status
 from tests.support.faults import (
@@ -362,3 +364,37 @@ def test_a_full_filesystem_while_the_broker_is_down(tmp_path: Path,
         assert len(got[kind]) == counts.get(f"records_committed_total{{{kind}}}", 0), kind
     assert len(log_events(log, "store_full")) == 1
     assert not log_events(log, "stage_crashed")
+
+
+def test_a_corrupt_store_is_moved_aside_kept_and_replaced(tmp_path: Path,
+                                                          pieces: list[Path]) -> None:
+    """A store file cut in half (a disk that lost its tail) at start: the daemon moves it
+    aside, keeps it byte for byte, logs the alarm, shows it in ``status``, and carries on with
+    a fresh store whose seqs never reuse the old ones."""
+    store = tmp_path / "store.sqlite"
+    old = SqliteStore(store, max_bytes=1 << 30, max_records=1 << 20)
+    old.commit([Record("OLD-1", RecordKind.TELEMETRY, 1_767_225_600.0 + i, {"n": i})
+                for i in range(500)])
+    old.close()
+    store.write_bytes(store.read_bytes()[:store.stat().st_size // 2])
+    damaged = store.read_bytes()
+    log = tmp_path / "daemon.log"
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.host, broker.port) as sub:
+        config = fleet_config(tmp_path, broker.port, pieces[0])
+        with Daemon(config, log) as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: read_store(store).acked > 100, 30, "records flowing", daemon)
+            counts = status(config)
+            text = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(config)],
+                                  capture_output=True, text=True, timeout=60, cwd=REPO,
+                                  env=child_env(), check=True).stdout
+            assert daemon.terminate(timeout=10) == 0, daemon.tail()
+    (alarm,) = log_events(log, "store_corrupt_moved_aside")
+    aside = Path(alarm["moved_to"])
+    print(f"\ncorrupt store at start: moved to {aside.name} ({alarm['reason']}); "
+          f"seqs go on from {alarm['seq_floor']} ({alarm['seq_floor_from']})")
+    assert alarm["level"] == "error"
+    assert aside.parent == tmp_path and aside.read_bytes() == damaged
+    assert counts["store_moved_aside"] == str(aside)
+    assert f"moved aside to {aside}" in text
+    assert min(seq for _, seq in sub.deliveries) > 500
