@@ -108,8 +108,8 @@ def test_broker_killed_five_times_in_a_minute_at_2000_frames_per_second(
                 time.sleep(up_s)
                 kill_broker_when_caught_up(broker, sub, store, GATEWAY)
                 time.sleep(outage)
+                restarted = time.time()  # the daemon may be back before start() returns
                 broker.start()
-                restarted = time.time()
                 wait_until(lambda k=k: len(log_events(log, "broker_recovered")) > k,
                            RECONNECT_MAX_S + 10, "broker_recovered", daemon)
                 reconnect_s.append(log_time(log_events(log, "broker_recovered")[k])
@@ -130,7 +130,7 @@ def test_broker_killed_five_times_in_a_minute_at_2000_frames_per_second(
           f"frames/s={counts['frames_rx_total'] / ran_s:.0f} over {ran_s:.0f} s; "
           f"reconnect_s={[round(s, 2) for s in reconnect_s]}; stopped in {stop_s:.1f} s")
     assert sub.duplicates <= len(outages_s) * WINDOW_RECORDS
-    assert all(0 < s <= RECONNECT_MAX_S + 2 for s in reconnect_s), reconnect_s
+    assert all(0 <= s <= RECONNECT_MAX_S + 2 for s in reconnect_s), reconnect_s
     # transitions, not records, are logged
     assert len(log_events(log, "broker_lost")) == len(outages_s)
     assert len(log_events(log, "broker_recovered")) == len(outages_s)

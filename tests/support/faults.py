@@ -79,9 +79,14 @@ class StoreView:
     """One consistent snapshot of a store file."""
 
     last_seq: int
-    stored: frozenset[int]
+    #: seq → kind of every record stored
+    kinds: dict[int, str]
     dead: frozenset[int]
     totals: dict[str, int]
+
+    @property
+    def stored(self) -> frozenset[int]:
+        return frozenset(self.kinds)
 
     @property
     def acked(self) -> int:
@@ -98,23 +103,14 @@ def read_store(path: Path) -> StoreView:
     try:
         conn.execute("BEGIN")
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-        stored = frozenset(seq for (seq,) in conn.execute("SELECT seq FROM records"))
+        kinds = {int(seq): str(kind) for seq, kind in conn.execute("SELECT seq, kind FROM records")}
         dead = frozenset(seq for (seq,) in conn.execute("SELECT seq FROM dead_letters"))
         totals = {str(name): int(value)
                   for name, value in conn.execute("SELECT name, value FROM totals")}
         conn.execute("COMMIT")
     finally:
         conn.close()
-    return StoreView(0 if row is None else int(row[0]), stored, dead, totals)
-
-
-def stored_kinds(path: Path) -> dict[int, str]:
-    """seq → kind of every record stored now."""
-    conn = _read_only(path)
-    try:
-        return {int(seq): str(kind) for seq, kind in conn.execute("SELECT seq, kind FROM records")}
-    finally:
-        conn.close()
+    return StoreView(0 if row is None else int(row[0]), kinds, dead, totals)
 
 
 def integrity_check(path: Path) -> list[str]:
