@@ -349,6 +349,7 @@ class SqliteStore:
             try:
                 if time.monotonic() >= self._next_disk_check:
                     self._check_disk(conn)
+                self._reclaim(conn)
                 cap = self._byte_cap
                 for attempt in range(FULL_RETRIES):
                     try:
@@ -364,6 +365,18 @@ class SqliteStore:
                 f"{self._path}: the store file is full and dropping unleased records did not "
                 f"make room for {len(records)} records ({self._records()} stored, "
                 f"{len(self._leased)} leased)")
+
+    def _reclaim(self, conn: sqlite3.Connection) -> None:
+        """Pages freed inside the file since it last filled up are room again: the byte cap
+        rises to what is stored plus half of them. Half, because rows never fill a page whole;
+        a cap set too high comes down again the next time the file fills. Without this, a file
+        fragmented by the quota (telemetry deleted from among the health records it keeps)
+        would keep the cap of its fullest moment and drop every new record while half of it
+        stands empty."""
+        if self._byte_cap >= self._max_bytes:
+            return
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
+        self._byte_cap = min(self._max_bytes, max(self._byte_cap, self._bytes() + free // 2))
 
     def _after_full(self, conn: sqlite3.Connection, attempt: int, batch_bytes: int) -> int:
         """The file hit its page cap or the disk is full: the byte cap for the retry after
