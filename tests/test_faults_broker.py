@@ -131,11 +131,12 @@ def test_broker_killed_five_times_in_a_minute_at_2000_frames_per_second(
           f"reconnect_s={[round(s, 2) for s in reconnect_s]}; stopped in {stop_s:.1f} s")
     assert sub.duplicates <= len(outages_s) * WINDOW_RECORDS
     assert all(0 <= s <= RECONNECT_MAX_S + 2 for s in reconnect_s), reconnect_s
-    # transitions, not records, are logged
-    assert len(log_events(log, "broker_lost")) == len(outages_s)
+    # transitions, not records, are logged (repeats of the same warning within a minute are
+    # held back by the log's repeat limiter; the counter is exact)
+    assert counts["broker_disconnects_total"] == len(outages_s)
+    assert 1 <= len(log_events(log, "broker_lost")) <= len(outages_s)
     assert len(log_events(log, "broker_recovered")) == len(outages_s)
     assert len(log_events(log, "broker_connect_failed")) <= 2 * len(outages_s)
-    assert counts["broker_disconnects_total"] == len(outages_s)
 
 
 def test_broker_restarted_with_its_persistence_wiped_loses_nothing(tmp_path: Path,
@@ -227,16 +228,17 @@ def test_acl_denies_telemetry_for_ten_seconds_nothing_deleted_then_delivered(
 
 def test_records_the_broker_can_never_take_are_dead_lettered_and_shown_by_status(
         tmp_path: Path, fleet: Path) -> None:
-    """A broker whose maximum packet (announced in CONNACK) is smaller than any telemetry
-    record: those records are refused for good, moved to the dead-letter table, counted by
-    reason and listed by ``bms-gateway status``; the health records flow; nothing is lost."""
-    broker = Broker(tmp_path / "broker", max_packet_size=700)  # telemetry ~0.9 KB, health ~0.5
+    """A broker whose maximum packet (announced in CONNACK) is too small for one kind of the
+    fleet's records (health, about 2 KB, here; telemetry is under 1 KB): those are refused for
+    good, moved to the dead-letter table, counted by reason and listed by ``bms-gateway
+    status``; the others flow; nothing is lost, and each kind's records are accounted for."""
+    broker = Broker(tmp_path / "broker", max_packet_size=1500)
     config = fleet_config(tmp_path, broker.port, fleet)
     store, log = tmp_path / "store.sqlite", tmp_path / "daemon.log"
     with broker, Subscriber(broker.host, broker.port) as sub, Daemon(config, log) as daemon:
         daemon.wait_ready()
-        wait_until(lambda: store.exists() and len(read_store(store).dead) > 1000, 30,
-                   "telemetry to be dead-lettered", daemon)
+        wait_until(lambda: store.exists() and len(read_store(store).dead) > 100, 30,
+                   "records to be dead-lettered", daemon)
         assert daemon.terminate(timeout=10) == 0, daemon.tail()
     counts = status(config)
     accounting = account(counts, sub.received, sub.duplicates)
@@ -244,18 +246,27 @@ def test_records_the_broker_can_never_take_are_dead_lettered_and_shown_by_status
     text = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=child_env(),
                           check=True).stdout
-    print(f"\nbroker maximum packet 700 bytes: {accounting}; "
-          f"{ {k: v for k, v in counts.items() if k.startswith('records_dead_lettered')} }")
+    received: dict[str, set[int]] = {}
+    for topic, envelope in sub.envelopes():
+        received.setdefault(topic.rsplit("/", 1)[1], set()).update(
+            r["seq"] for r in envelope["records"])
+    dead: dict[str, int] = {}
+    for kind in view.dead.values():
+        dead[kind] = dead.get(kind, 0) + 1
+    print(f"\nbroker maximum packet 1500 bytes: {accounting}; dead letters by kind {dead}, "
+          f"delivered by kind { {k: len(v) for k, v in received.items()} }")
     assert accounting.lost == 0, accounting
     assert accounting.dead_lettered == len(view.dead) == counts[
-        "records_dead_lettered_total{payload_too_large}"]
-    assert accounting.dead_lettered == counts["records_committed_total{telemetry}"]
-    assert counts.get("records_committed_total{health}", 0) > 0
-    assert {topic.rsplit("/", 1)[1] for topic, _ in sub.envelopes()} == {"health"}
+        "records_dead_lettered_total{payload_too_large}"] > 0
+    assert accounting.received > 0
+    for kind in ("telemetry", "health", "events"):  # every record of each kind accounted for
+        stored = sum(1 for k in view.kinds.values() if k == kind)
+        assert counts.get(f"records_committed_total{{{kind}}}", 0) == (
+            len(received.get(kind, ())) + dead.get(kind, 0) + stored), kind
     recent = counts["dead_letters_recent"]
     assert [d["seq"] for d in recent] == sorted(view.dead, reverse=True)[:5]
-    assert {(d["kind"], d["reason"]) for d in recent} == {("telemetry", "payload_too_large")}
+    assert {d["reason"] for d in recent} == {"payload_too_large"}
     assert "newest dead letters" in text and "payload_too_large" in text
-    # logged once per stream losing records, not per batch: 16 telemetry streams
-    streams = {(e["serial"], e["kind"]) for e in log_events(log, "records_dead_lettered")}
-    assert len(log_events(log, "records_dead_lettered")) == len(streams) == PACKS
+    # logged once per stream losing records, not per batch
+    logged = [(e["serial"], e["kind"]) for e in log_events(log, "records_dead_lettered")]
+    assert len(logged) == len(set(logged)) <= PACKS * len(dead)

@@ -317,7 +317,8 @@ def test_a_full_filesystem_while_the_broker_is_down(tmp_path: Path,
     config = gateway_config(
         tmp_path, broker_port=broker.gateway_port, gateway_id=GATEWAY,
         source={"kind": "replay", "files": [str(p) for p in pieces[:10]], "replay_speed": 0.0},
-        edge={"telemetry_interval_s": 0.0, "health_interval_s": 1.0},
+        # a health record is about 2 KB: every 5 s they fit the disk with room for telemetry
+        edge={"telemetry_interval_s": 0.0, "health_interval_s": 5.0},
         extra={"store": {"path": str(disk / "store.sqlite"), "min_free_bytes": 0}})
     log, final = tmp_path / "daemon.log", tmp_path / "final-status.json"
     # the daemon, then (the tmpfs goes with the namespace) its final status, in the namespace
@@ -400,5 +401,5 @@ def test_a_corrupt_store_is_moved_aside_kept_and_replaced(tmp_path: Path,
     assert alarm["level"] == "error"
     assert aside.parent == tmp_path and aside.read_bytes() == damaged
     assert counts["store_moved_aside"] == str(aside)
-    assert f"moved aside to {aside}" in text
+    assert str(aside) in text and "moved aside" in text
     assert min(seq for _, seq in sub.deliveries) > 500

@@ -79,9 +79,9 @@ class StoreView:
     """One consistent snapshot of a store file."""
 
     last_seq: int
-    #: seq → kind of every record stored
+    #: seq → kind of every record stored, and of every dead letter
     kinds: dict[int, str]
-    dead: frozenset[int]
+    dead: dict[int, str]
     totals: dict[str, int]
 
     @property
@@ -95,7 +95,7 @@ class StoreView:
     def gone(self) -> set[int]:
         """Seqs handed out that are neither stored nor dead-lettered: acknowledged, or dropped
         under quota (a test that reads this reads ``totals`` too)."""
-        return set(range(1, self.last_seq + 1)) - self.stored - self.dead
+        return set(range(1, self.last_seq + 1)) - self.stored - set(self.dead)
 
 
 def read_store(path: Path) -> StoreView:
@@ -104,7 +104,8 @@ def read_store(path: Path) -> StoreView:
         conn.execute("BEGIN")
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
         kinds = {int(seq): str(kind) for seq, kind in conn.execute("SELECT seq, kind FROM records")}
-        dead = frozenset(seq for (seq,) in conn.execute("SELECT seq FROM dead_letters"))
+        dead = {int(seq): str(kind)
+                for seq, kind in conn.execute("SELECT seq, kind FROM dead_letters")}
         totals = {str(name): int(value)
                   for name, value in conn.execute("SELECT name, value FROM totals")}
         conn.execute("COMMIT")
