@@ -589,7 +589,9 @@ with capture_logs() as logs:
     try:
         for _ in range(rounds):
             store.commit([Record("PACK-1", kinds[(n + i) % 10], float(n + i),
-                                 {"pad": "x" * 400, "n": n + i}) for i in range(batch)])
+                                 {"pad": "x" * 400, "n": n + i}) for i in range(batch)],
+                         # the edge core's state, rewritten with every commit
+                         {f"pack/{p}": os.urandom(4000) for p in range(16)})
             n += batch
             footprint = max(footprint, sum(os.path.getsize(p) for p in (path, path + "-wal")
                                            if os.path.exists(p)))
@@ -626,7 +628,9 @@ def test_a_store_alone_on_a_small_filesystem_fills_it_and_keeps_working(
     require_tmpfs()
     folder = tmp_path / "disk"
     folder.mkdir()
-    rounds = 12 * disk_mib * 1024 // (batch * 470 // 1024) // 10  # about 1.2 disks' worth
+    # 0.9 disks' worth: past the quota (the WAL has half the room), while the health and
+    # events alone still fit
+    rounds = int(0.9 * (disk_mib << 20) / (batch * 470))
     done = subprocess.run(
         tmpfs_command(folder, disk_mib << 20,
                       [sys.executable, "-c", FULL_DISK_CHILD, str(folder), str(batch),
@@ -645,6 +649,49 @@ def test_a_store_alone_on_a_small_filesystem_fills_it_and_keeps_working(
     assert result["kept"]["health"] == result["kept"]["events"] == result["committed"] // 10
     assert result["events"].count("store_full") == 1
     assert result["acked"] == result["stored"]
+
+
+def test_pages_the_quota_frees_inside_a_full_file_are_used_again(tmp_path: Path,
+                                                                   repo: Path) -> None:
+    """Health records much bigger than telemetry, 48 packs' state rewritten with each commit,
+    a 6 MiB filesystem: the quota deletes telemetry from among the health records it keeps, and
+    the file fragments. The pages it frees must be used again; a byte cap stuck at the file's
+    fullest moment would drop every new record while a good part of the file stood empty."""
+    require_tmpfs()
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    done = subprocess.run(
+        tmpfs_command(folder, 6 << 20, [sys.executable, "-c", FRAGMENTING_CHILD, str(folder)]),
+        capture_output=True, text=True, timeout=120, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["dropped"] > 0 and result["stored"] > 0
+    assert result["free_pages"] <= result["pages"] // 10, result
+
+
+FRAGMENTING_CHILD = """
+import json, os, sys
+from gateway.model import Record, RecordKind
+from gateway.store.sqlite import SqliteStore
+
+store = SqliteStore(os.path.join(sys.argv[1], "store.sqlite"), max_bytes=1 << 30,
+                    max_records=1 << 40, min_free_bytes=0)
+n = 0
+for _ in range(60):
+    store.commit([Record("PACK-1", RecordKind.HEALTH, float(n + i), {"pad": "h" * 2000})
+                  if (n + i) % 10 == 0 else
+                  Record("PACK-1", RecordKind.TELEMETRY, float(n + i), {"pad": "t" * 750})
+                  for i in range(300)],
+                 {f"pack/{p}": os.urandom(4000) for p in range(48)})
+    n += 300
+pages, free_pages = (store._connection().execute(f"PRAGMA {name}").fetchone()[0]
+                     for name in ("page_count", "freelist_count"))
+stats = store.stats()
+store.close()
+print(json.dumps({"stored": stats.records, "dropped": stats.dropped_total.get("quota", 0),
+                  "pages": pages, "free_pages": free_pages}))
+"""
 
 
 # -- read_status ---------------------------------------------------------------------------------
