@@ -237,7 +237,7 @@ def test_records_the_broker_can_never_take_are_dead_lettered_and_shown_by_status
     store, log = tmp_path / "store.sqlite", tmp_path / "daemon.log"
     with broker, Subscriber(broker.host, broker.port) as sub, Daemon(config, log) as daemon:
         daemon.wait_ready()
-        wait_until(lambda: store.exists() and len(read_store(store).dead) > 100, 30,
+        wait_until(lambda: store.exists() and len(read_store(store).dead) > 30, 30,
                    "records to be dead-lettered", daemon)
         assert daemon.terminate(timeout=10) == 0, daemon.tail()
     counts = status(config)
