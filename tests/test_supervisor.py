@@ -73,7 +73,7 @@ def test_ready_watchdog_stopping_and_no_watchdog_while_wedged(
         time.sleep(0.8)
         marks["wedge"] = time.monotonic()
         worker.wedged.set()
-        time.sleep(1.2)
+        time.sleep(2.0)
         marks["unwedge"] = time.monotonic()
         worker.wedged.clear()
         time.sleep(0.8)
@@ -88,8 +88,10 @@ def test_ready_watchdog_stopping_and_no_watchdog_while_wedged(
     assert texts[-1] == "STOPPING=1"
     pings = [t for t, m in messages if m == "WATCHDOG=1"]
     before = [t for t in pings if t < marks["wedge"]]
-    # stall_s = 0.3 after the wedge; allow one supervisor turn (0.2 s) on either side
-    during = [t for t in pings if marks["wedge"] + 0.6 < t < marks["unwedge"]]
+    # stall_s = 0.3 after the wedge, plus a supervisor turn (0.2 s), plus room for a worker
+    # turn that read "not wedged" just before the mark and stamped progress after it on a
+    # loaded machine
+    during = [t for t in pings if marks["wedge"] + 1.0 < t < marks["unwedge"]]
     after = [t for t in pings if t > marks["unwedge"] + 0.3]
     assert len(before) >= 3
     assert during == []

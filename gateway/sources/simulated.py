@@ -35,9 +35,8 @@ class SimulatorSource(BusSource):
 
     def _open(self) -> None:
         super()._open()  # the receiving end first, so no frame is sent before anyone listens
-        from firmware_sim.live import run_on_bus
-
         from firmware_sim import Simulator
+        from firmware_sim.live import run_on_bus
 
         s = self.settings
         sim = Simulator.from_scenario(s.scenario, cells=s.cells, sensors=s.sensors,
