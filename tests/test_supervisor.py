@@ -3,6 +3,7 @@ exit codes for a dead stage."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -58,6 +59,13 @@ def _collect(sock: socket.socket, until: threading.Event) -> list[tuple[float, s
     return got
 
 
+def _mark(text: str) -> None:
+    """Put a marker into the notify socket's queue, in order with the supervisor's messages,
+    so the test reads the order of events from the queue rather than from receive times."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(f"MARK={text}".encode(), os.environ["NOTIFY_SOCKET"])
+
+
 def test_ready_watchdog_stopping_and_no_watchdog_while_wedged(
         notify_socket: socket.socket) -> None:
     worker = Worker()
@@ -67,14 +75,16 @@ def test_ready_watchdog_stopping_and_no_watchdog_while_wedged(
     messages: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: messages.extend(_collect(notify_socket, done)))
     reader.start()
-    marks: dict[str, float] = {}
 
     def script() -> None:
         time.sleep(0.8)
-        marks["wedge"] = time.monotonic()
         worker.wedged.set()
-        time.sleep(2.0)
-        marks["unwedge"] = time.monotonic()
+        # stall_s (0.3 s) and a supervisor turn (0.2 s) after the wedge, pings must have
+        # stopped; a second is ample room on a loaded machine
+        time.sleep(1.0)
+        _mark("wedged")
+        time.sleep(1.0)
+        _mark("unwedge")
         worker.wedged.clear()
         time.sleep(0.8)
         sup.request_stop()
@@ -86,16 +96,10 @@ def test_ready_watchdog_stopping_and_no_watchdog_while_wedged(
     texts = [m for _, m in messages]
     assert texts[0].startswith("READY=1")
     assert texts[-1] == "STOPPING=1"
-    pings = [t for t, m in messages if m == "WATCHDOG=1"]
-    before = [t for t in pings if t < marks["wedge"]]
-    # stall_s = 0.3 after the wedge, plus a supervisor turn (0.2 s), plus room for a worker
-    # turn that read "not wedged" just before the mark and stamped progress after it on a
-    # loaded machine
-    during = [t for t in pings if marks["wedge"] + 1.0 < t < marks["unwedge"]]
-    after = [t for t in pings if t > marks["unwedge"] + 0.3]
-    assert len(before) >= 3
-    assert during == []
-    assert len(after) >= 2
+    wedged, unwedged = texts.index("MARK=wedged"), texts.index("MARK=unwedge")
+    assert texts[:wedged].count("WATCHDOG=1") >= 3
+    assert texts[wedged:unwedged].count("WATCHDOG=1") == 0
+    assert texts[unwedged:].count("WATCHDOG=1") >= 2
 
 
 def test_dead_stage_exits_non_zero(notify_socket: socket.socket) -> None:
