@@ -984,33 +984,35 @@ def arrhenius_fit(ln_r: FloatArray, inv_t: FloatArray, held: IntArray, soc_bin: 
             continue
         ys[b] = np.median(ln_r[b, :h])
         xs[b] = np.median(inv_t[b, :h])
+    # per SOC bin: how many temperature bins it has, and their mean (x, y)
+    count = np.zeros(soc_bins, np.int64)
+    mx = np.zeros(soc_bins)
+    my = np.zeros(soc_bins)
+    for b in range(bins):
+        s = soc_bin[b]
+        if 0 <= s < soc_bins and np.isfinite(xs[b]):
+            count[s] += 1
+            mx[s] += xs[b]
+            my[s] += ys[b]
+    groups = 0
+    for s in range(soc_bins):
+        if count[s] >= 2:
+            mx[s] /= count[s]
+            my[s] /= count[s]
+            groups += 1
     sxx = 0.0
     sxy = 0.0
     points = 0
-    groups = 0
     t_lo = np.inf
     t_hi = -np.inf
-    for s in range(soc_bins):
-        count = 0
-        mx = 0.0
-        my = 0.0
-        for b in range(bins):
-            if soc_bin[b] == s and np.isfinite(xs[b]):
-                count += 1
-                mx += xs[b]
-                my += ys[b]
-        if count < 2:
-            continue
-        mx /= count
-        my /= count
-        groups += 1
-        for b in range(bins):
-            if soc_bin[b] == s and np.isfinite(xs[b]):
-                sxx += (xs[b] - mx) ** 2
-                sxy += (xs[b] - mx) * (ys[b] - my)
-                points += 1
-                t_lo = min(t_lo, 1.0 / xs[b])
-                t_hi = max(t_hi, 1.0 / xs[b])
+    for b in range(bins):
+        s = soc_bin[b]
+        if 0 <= s < soc_bins and count[s] >= 2 and np.isfinite(xs[b]):
+            sxx += (xs[b] - mx[s]) ** 2
+            sxy += (xs[b] - mx[s]) * (ys[b] - my[s])
+            points += 1
+            t_lo = min(t_lo, 1.0 / xs[b])
+            t_hi = max(t_hi, 1.0 / xs[b])
     if groups == 0 or t_hi - t_lo < min_span_k or sxx <= 0.0:
         return np.nan, np.nan
     slope = sxy / sxx
@@ -1018,22 +1020,10 @@ def arrhenius_fit(ln_r: FloatArray, inv_t: FloatArray, held: IntArray, soc_bin: 
     if dof <= 0:
         return slope, np.nan
     residual = 0.0
-    for s in range(soc_bins):
-        count = 0
-        mx = 0.0
-        my = 0.0
-        for b in range(bins):
-            if soc_bin[b] == s and np.isfinite(xs[b]):
-                count += 1
-                mx += xs[b]
-                my += ys[b]
-        if count < 2:
-            continue
-        mx /= count
-        my /= count
-        for b in range(bins):
-            if soc_bin[b] == s and np.isfinite(xs[b]):
-                residual += (ys[b] - my - slope * (xs[b] - mx)) ** 2
+    for b in range(bins):
+        s = soc_bin[b]
+        if 0 <= s < soc_bins and count[s] >= 2 and np.isfinite(xs[b]):
+            residual += (ys[b] - my[s] - slope * (xs[b] - mx[s])) ** 2
     return slope, np.sqrt(residual / dof / sxx)
 
 
